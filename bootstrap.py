@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Set up edgelab on a machine with nothing but Python 3, then run the workbook or its tests.
+
+    python3 bootstrap.py run    # execute every notebook (quick profile) and print the results table
+    python3 bootstrap.py test   # pytest over tests/ and nbval over notebooks/
+
+Both create `.venv/` beside this file on first use and install edgelab into it (torch and
+torchvision from the package registry together: the registry's torchvision is built against
+its own torch). Later calls reuse the environment unless pyproject.toml changed.
+Extra arguments go to `edgelab run` or to pytest.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+STAMP = VENV / ".edgelab-installed"
+
+
+def sh(*cmd: str | Path) -> None:
+    print("+", " ".join(map(str, cmd)), flush=True)
+    subprocess.run([str(c) for c in cmd], cwd=ROOT, check=True)
+
+
+def ensure_env() -> None:
+    """Create the virtual environment and install edgelab[test] unless already up to date."""
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == want:
+        return
+    if not (BIN / "python").exists():
+        venv.create(VENV, with_pip=True)
+    py = BIN / "python"
+    sh(py, "-m", "pip", "install", "-q", "--upgrade", "pip")
+    sh(py, "-m", "pip", "install", "-q", "torch", "torchvision")
+    sh(py, "-m", "pip", "install", "-q", "-e", ".[test]")
+    STAMP.write_text(want)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("run", "test"):
+        print(__doc__)
+        return 2
+    verb, rest = argv[0], argv[1:]
+    try:
+        ensure_env()
+    except subprocess.CalledProcessError as e:
+        print(f"bootstrap: installing failed ({e}); see the pip output above", file=sys.stderr)
+        return 1
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    if verb == "run":
+        cmd = [BIN / "edgelab", "run", *rest]
+    else:
+        cmd = [BIN / "python", "-m", "pytest", "tests", "notebooks", "--nbval-lax",
+               "--nbval-current-env", "-q", *rest]
+    print("+", " ".join(map(str, cmd)), flush=True)
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

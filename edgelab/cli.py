@@ -1,0 +1,191 @@
+"""`edgelab <verb>`: drive the workbook without Jupyter (the guide's command-line contract).
+
+Verbs: run, eval, bench encoder, train-tiny, report. `--json` prints one JSON object on stdout.
+Bad input exits 2 with one line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+PROG = "edgelab"
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+def _load(args):
+    from . import models
+    weights = args.weights
+    if weights == "random" and getattr(args, "checkpoint", None):
+        raise UsageError("give either --checkpoint or --weights random, not both")
+    return models.load_sam(args.model, checkpoint=args.checkpoint, weights=weights, device=args.device)
+
+
+def cmd_eval(args) -> dict:
+    from . import evaluate, models
+    model = _load(args)
+    kind = models.weights_label(model)
+    if args.images:
+        if not args.reference:
+            raise UsageError("--images needs --reference NAME (agreement with a reference model's masks)")
+        ref = models.load_sam(args.reference, checkpoint=args.reference_checkpoint,
+                              device=args.device)
+        imgs = [img for _, img in evaluate.image_folder(args.images)]
+        res = evaluate.agreement(model, ref, imgs, progress=not args.json)
+        out = {"model": args.model, "weights": kind, "reference": args.reference,
+               "agreement": res.miou, "miou": res.miou, "n_masks": res.n_masks, "n_images": res.n_images}
+    else:
+        if args.scenes is not None and args.scenes <= 0:
+            raise UsageError("--scenes must be a positive number")
+        seeds = None
+        if args.seed is not None:
+            seeds = [args.seed + i for i in range(args.scenes or 50)]
+        res = evaluate.evaluate_scenes(model, args.scenes, args.prompt, seeds=seeds, progress=not args.json)
+        out = {"model": args.model, "weights": kind, "prompt": args.prompt,
+               "split": "eval" if seeds is None else f"seeds {args.seed}..{args.seed + len(seeds) - 1}",
+               "miou": res.miou, "n_masks": res.n_masks, "n_images": res.n_images}
+    if kind == "random":
+        out["note"] = "random weights: timing only, this mIoU says nothing about accuracy"
+    return out
+
+
+def cmd_bench_encoder(args) -> dict:
+    """Image encoder and mask decoder latency of one model (random weights only when asked)."""
+    import torch
+    from . import bench, models
+    if args.batch < 1:
+        raise UsageError("--batch must be 1 or more")
+    if args.image_size is not None and args.weights != "random":
+        raise UsageError("--image-size changes the architecture (position embeddings): use it with --weights random")
+    model = _load(args) if args.image_size is None else models.load_sam(
+        args.model, weights="random", device=args.device, img_size=args.image_size)
+    size = model.image_encoder.img_size
+    x = torch.randn(args.batch, 3, size, size, device=args.device)
+    with torch.inference_mode():
+        emb = model.image_encoder(x[:1])
+        pts = torch.rand(args.prompts, 1, 2, device=args.device) * size
+        labels = torch.ones(args.prompts, 1, dtype=torch.int, device=args.device)
+
+        def encoder():
+            model.image_encoder(x)
+
+        def decoder():
+            sparse, dense = model.prompt_encoder(points=(pts, labels), boxes=None, masks=None)
+            model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
+
+        t = bench.compare({"encoder": encoder, "decoder": decoder}, warmup=1, repeats=args.repeats)
+    variants = [{"name": "encoder", "median_s": t["encoder"].median_s, "iqr_s": t["encoder"].iqr_s,
+                 "params": models.count_params(model.image_encoder), "batch": args.batch, "image_size": size},
+                {"name": "decoder", "median_s": t["decoder"].median_s, "iqr_s": t["decoder"].iqr_s,
+                 "params": models.count_params(model.mask_decoder) + models.count_params(model.prompt_encoder)}]
+    return bench.bench_record("encoder", models.weights_label(model), variants)
+
+
+def cmd_train_tiny(args) -> dict:
+    from . import models, training
+    cfg = training.TrainConfig(steps=args.steps or training.TrainConfig.steps, seed=args.seed)
+    final = training.train_tiny(args.out, cfg, device=args.device, resume=not args.fresh)
+    sha = models.sha256_of(final)
+    return {"weights": str(final), "sha256": sha, "steps": cfg.steps,
+            "shipped_sha256": models.TINY_SHA256.read_text().split()[0] if models.TINY_SHA256.exists() else None}
+
+
+def cmd_run(args) -> dict:
+    from . import runner
+    return runner.run_notebooks(out=args.out, profile=args.profile, only=args.only,
+                                params=dict(args.param or []))
+
+
+def cmd_report(args) -> dict:
+    from . import records
+    rows = records.gather(args.run_dirs)
+    if not rows:
+        raise UsageError(f"no results records under {', '.join(args.run_dirs)}")
+    print(records.markdown_table(rows)) if not args.json else None
+    return {"rows": rows}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="edgelab: making SAM fast and small on a CPU.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def model_args(sp, default="tiny"):
+        sp.add_argument("--model", default=default, choices=["tiny", "vit_b", "vit_l", "vit_h"])
+        sp.add_argument("--checkpoint", help="path to a SAM state dict for --model")
+        sp.add_argument("--weights", choices=["trained", "random", "checkpoint"],
+                        help="random: timing only, labelled so in every result")
+        sp.add_argument("--device", default="cpu")
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    e = sub.add_parser("eval", help="mIoU on generated scenes, or agreement on a folder of images")
+    model_args(e)
+    e.add_argument("--scenes", type=int, help="number of scenes (default: the whole eval split)")
+    e.add_argument("--seed", type=int, help="first seed of other scenes than the eval split")
+    e.add_argument("--prompt", choices=["point", "box"], default="point")
+    e.add_argument("--images", help="folder of JPEG/PNG images (no ground truth)")
+    e.add_argument("--reference", choices=["tiny", "vit_b", "vit_l", "vit_h"])
+    e.add_argument("--reference-checkpoint")
+    e.set_defaults(fn=cmd_eval)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="what", required=True)
+    be = bsub.add_parser("encoder", help="image encoder and mask decoder latency")
+    model_args(be)
+    be.add_argument("--image-size", type=int, help="input side in px (default: the model's)")
+    be.add_argument("--batch", type=int, default=1)
+    be.add_argument("--prompts", type=int, default=8, help="point prompts per decoder call")
+    be.add_argument("--repeats", type=int, default=5)
+    be.set_defaults(fn=cmd_bench_encoder)
+
+    t = sub.add_parser("train-tiny", help="reproduce the shipped tiny SAM from its seed")
+    t.add_argument("--out", default="runs/train-tiny")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(fn=cmd_train_tiny)
+
+    r = sub.add_parser("run", help="execute the notebooks with papermill into a run folder")
+    r.add_argument("--profile", choices=["quick", "full"], default="quick")
+    r.add_argument("--out", default=None, help="run folder (default runs/<profile>-<time>)")
+    r.add_argument("--only", nargs="+", help="notebook names (or prefixes like 00)")
+    r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_run)
+
+    rep = sub.add_parser("report", help="gather results records into one table")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--json", action="store_true")
+    rep.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .models import CheckpointError
+    try:
+        with warnings.catch_warnings():
+            if getattr(args, "json", False):
+                warnings.simplefilter("ignore")
+            out = args.fn(args)
+    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(out))
+    elif out is not None and args.verb != "report":
+        print(json.dumps(out, indent=1))
+    return 0 if not (isinstance(out, dict) and out.get("failed")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The evaluation protocol: prompts from ground truth, SAM's best mask, mIoU and agreement.
+
+Taught in notebook 00, section "How we score a model". One point per object (its centre of mass
+when that lies in the mask, else the point farthest from the boundary), or its bounding box;
+SAM returns three masks for a point and we keep the one with the highest predicted IoU.
+mIoU is the mean over all objects of the split. Without ground truth (a folder of photos),
+the score is agreement: mIoU of a model's masks against a reference model's masks.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
+from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
+from tqdm.auto import tqdm
+
+from . import scenes as scenes_mod
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def iou(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    """Intersection over union of two boolean masks; two empty masks agree perfectly (1.0)."""
+    a = torch.as_tensor(np.asarray(a, bool) if not torch.is_tensor(a) else a).bool()
+    b = torch.as_tensor(np.asarray(b, bool) if not torch.is_tensor(b) else b).bool()
+    if a.shape != b.shape:
+        raise ValueError(f"masks differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else (a & b).sum().item() / union
+
+
+def point_prompt(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the object's prompt point: centre of mass if inside the mask, else the farthest
+    point from the boundary (SAM-fast's rule). Pixel centres, in image coordinates."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        raise ValueError("cannot place a prompt in an empty mask")
+    cy, cx = ndimage.center_of_mass(mask)
+    iy, ix = int(round(cy)), int(round(cx))
+    if not mask[iy, ix]:
+        dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        iy, ix = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(ix), float(iy)
+
+
+def box_prompt(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) bounding box of the mask, inclusive pixel coordinates."""
+    ys, xs = np.nonzero(np.asarray(mask, bool))
+    if len(xs) == 0:
+        raise ValueError("cannot box an empty mask")
+    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+
+
+@torch.no_grad()
+def predict_masks(predictor: SamPredictor, image: np.ndarray, masks: np.ndarray | None = None,
+                  prompt: str = "point", points: np.ndarray | None = None,
+                  boxes: np.ndarray | None = None) -> np.ndarray:
+    """Segment every object of one image in one batched decoder call; return (N, H, W) bool.
+
+    Prompts come from ground-truth `masks` (the protocol) unless `points` (N, 2) or `boxes`
+    (N, 4) are given. Points keep the best of SAM's three masks by predicted IoU; boxes are
+    unambiguous and use SAM's single-mask output.
+    """
+    predictor.set_image(image)
+    if points is None and boxes is None:
+        if masks is None:
+            raise ValueError("predict_masks needs ground-truth masks, points or boxes to prompt with")
+        if prompt == "point":
+            points = np.array([point_prompt(m) for m in masks], np.float32)
+        elif prompt == "box":
+            boxes = np.array([box_prompt(m) for m in masks], np.float32)
+        else:
+            raise ValueError(f"prompt must be 'point' or 'box', not {prompt!r}")
+    dev = predictor.device
+    size = image.shape[:2]
+    if points is not None:
+        pts = predictor.transform.apply_coords(np.asarray(points, np.float32)[:, None, :], size)
+        pts = torch.as_tensor(pts, dtype=torch.float, device=dev)
+        labels = torch.ones(pts.shape[:2], dtype=torch.int, device=dev)
+        out, scores, _ = predictor.predict_torch(pts, labels, multimask_output=True)
+        best = scores.argmax(dim=1)
+        out = out[torch.arange(len(out)), best]
+    else:
+        bx = predictor.transform.apply_boxes(np.asarray(boxes, np.float32), size)
+        bx = torch.as_tensor(bx, dtype=torch.float, device=dev)
+        out, _, _ = predictor.predict_torch(None, None, boxes=bx, multimask_output=False)
+        out = out[:, 0]
+    return out.cpu().numpy()
+
+
+@dataclass
+class EvalResult:
+    miou: float
+    n_masks: int
+    n_images: int
+    prompt: str
+    per_object: list[float]
+
+    def as_dict(self) -> dict:
+        return {"miou": self.miou, "n_masks": self.n_masks, "n_images": self.n_images,
+                "prompt": self.prompt}
+
+
+def evaluate_scenes(model: Sam, n: int | None = None, prompt: str = "point",
+                    seeds: Sequence[int] | None = None, size: int = 256,
+                    progress: bool = True) -> EvalResult:
+    """mIoU of `model` on generated scenes: the fixed eval split (first `n` of it) or `seeds`."""
+    ds = scenes_mod.SceneDataset("eval", n, size=size, seeds=list(seeds) if seeds is not None else None)
+    predictor = SamPredictor(model)
+    ious: list[float] = []
+    for i in tqdm(range(len(ds)), desc=f"eval ({prompt})", disable=not progress, leave=False):
+        s = ds.scene(i)
+        pred = predict_masks(predictor, s.image, s.masks, prompt)
+        ious += [iou(p, g) for p, g in zip(pred, s.masks)]
+    return EvalResult(float(np.mean(ious)), len(ious), len(ds), prompt, ious)
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read a JPEG/PNG as HxWx3 uint8 RGB: grayscale, RGBA, palette and 16-bit are converted."""
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(im, dtype=np.float64)
+            hi = arr.max() if arr.max() > 0 else 1.0
+            im = Image.fromarray((arr / hi * 255).round().astype(np.uint8))
+        if im.mode in ("RGBA", "LA", "P", "PA"):
+            im = im.convert("RGBA")
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, im)
+        arr = np.asarray(im.convert("RGB"))
+    if arr.shape[2] == 3 and arr.dtype == np.uint8:
+        return arr
+    raise ValueError(f"{path}: unsupported pixel format")
+
+
+def image_folder(folder: str | Path) -> list[tuple[Path, np.ndarray]]:
+    """Every readable JPEG/PNG in `folder` (sorted by name) as (path, RGB array).
+
+    Non-image or unreadable files are skipped with a warning; a folder with no image is an error.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    images = []
+    for p in sorted(root.iterdir()):
+        if p.is_dir() or p.name.startswith("."):
+            continue
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            warnings.warn(f"skipping {p.name}: not a JPEG or PNG file", stacklevel=2)
+            continue
+        try:
+            images.append((p, load_image(p)))
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            warnings.warn(f"skipping {p.name}: cannot be read as an image ({type(e).__name__})", stacklevel=2)
+    if not images:
+        raise ValueError(f"no JPEG or PNG image in {root}")
+    return images
+
+
+def grid_points(shape: tuple[int, int], per_side: int = 4) -> np.ndarray:
+    """A regular per_side x per_side grid of (x, y) prompt points over an image of `shape`."""
+    h, w = shape
+    xs = (np.arange(per_side) + 0.5) * w / per_side
+    ys = (np.arange(per_side) + 0.5) * h / per_side
+    return np.array([(x, y) for y in ys for x in xs], np.float32)
+
+
+def agreement(model: Sam, reference: Sam, images: Iterable[np.ndarray], per_side: int = 4,
+              progress: bool = True) -> EvalResult:
+    """mIoU of `model`'s masks against `reference`'s masks on images without ground truth.
+
+    Both models get the same grid of point prompts (MobileSAM's protocol for photos).
+    """
+    pm, pr = SamPredictor(model), SamPredictor(reference)
+    ious: list[float] = []
+    images = list(images)
+    for img in tqdm(images, desc="agreement", disable=not progress, leave=False):
+        pts = grid_points(img.shape[:2], per_side)
+        a = predict_masks(pm, img, points=pts)
+        b = predict_masks(pr, img, points=pts)
+        ious += [iou(x, y) for x, y in zip(a, b)]
+    return EvalResult(float(np.mean(ious)), len(ious), len(images), "point-grid", ious)

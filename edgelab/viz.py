@@ -1,0 +1,64 @@
+"""Plots shared by the notebooks: masks over images, timing bars, latency-mIoU scatter.
+
+Figures are small (modest dpi) so committed notebooks stay light.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+plt.rcParams.update({"figure.dpi": 72, "savefig.dpi": 72})
+
+
+def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.55, seed: int = 1) -> np.ndarray:
+    """The image with each mask painted in its own colour (masks: N x H x W bool)."""
+    rng = np.random.default_rng(seed)
+    out = image.astype(np.float32).copy()
+    for m in masks:
+        color = rng.integers(40, 256, 3)
+        out[m] = (1 - alpha) * out[m] + alpha * color
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def show_masks(image: np.ndarray, masks: np.ndarray, ax=None, points: np.ndarray | None = None,
+               boxes: np.ndarray | None = None, title: str = "") -> plt.Axes:
+    """Draw masks over an image, with the prompt points (stars) and boxes that produced them."""
+    ax = ax or plt.gca()
+    ax.imshow(overlay(image, masks))
+    if points is not None and len(points):
+        pts = np.asarray(points)
+        ax.scatter(pts[:, 0], pts[:, 1], marker="*", s=90, c="yellow", edgecolors="black", linewidths=0.8)
+    for x0, y0, x1, y1 in (boxes if boxes is not None else []):
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1.2))
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+    return ax
+
+
+def bar_seconds(labels: Sequence[str], medians: Sequence[float], spreads: Sequence[float] | None = None,
+                title: str = "", ax=None) -> plt.Axes:
+    """Horizontal bars of median seconds with the spread as error bars."""
+    ax = ax or plt.figure(figsize=(6, 0.5 + 0.45 * len(labels))).gca()
+    ax.barh(list(labels), list(medians), xerr=None if spreads is None else list(spreads), color="#4c72b0")
+    ax.set_xlabel("seconds (median)")
+    ax.set_title(title, fontsize=10)
+    ax.invert_yaxis()
+    return ax
+
+
+def latency_miou(rows: Sequence[dict], ax=None, title: str = "latency vs mIoU") -> plt.Axes:
+    """Scatter of median latency (x) against mIoU (y), one labelled point per variant."""
+    ax = ax or plt.figure(figsize=(5.5, 4)).gca()
+    for r in rows:
+        if r.get("median_s") is None or r.get("miou") is None:
+            continue
+        ax.scatter(r["median_s"], r["miou"], s=40)
+        ax.annotate(str(r.get("name", r.get("variant", ""))), (r["median_s"], r["miou"]), fontsize=8,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("encoder latency, seconds (median)")
+    ax.set_ylabel("mIoU")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    return ax

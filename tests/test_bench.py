@@ -1,0 +1,98 @@
+"""edgelab.bench: behaviour only. No test asserts a time (GUIDE, "Measuring")."""
+import json
+
+import pytest
+import torch
+
+from edgelab import bench
+
+
+def _recorder(calls: list[str], name: str):
+    return lambda: calls.append(name)
+
+
+def test_time_callable_counts_calls_and_summarises():
+    calls: list[str] = []
+    t = bench.time_callable(_recorder(calls, "f"), warmup=2, repeats=4, label="f")
+    assert len(calls) == 2 + 4
+    assert len(t.times_s) == 4
+    assert min(t.times_s) <= t.median_s <= max(t.times_s)
+    assert 0 <= t.iqr_s <= max(t.times_s) - min(t.times_s)
+    assert t.label == "f" and t.threads == torch.get_num_threads()
+    assert set(t.as_dict()) == {"label", "median_s", "iqr_s", "times_s", "threads"}
+
+
+def test_time_callable_blocked_autorange():
+    t = bench.time_callable(lambda: sum(range(100)), warmup=0, min_run_time=0.01)
+    assert t.times_s and min(t.times_s) <= t.median_s <= max(t.times_s)
+
+
+def test_compare_interleaves_variants():
+    calls: list[str] = []
+    fns = {name: _recorder(calls, name) for name in "abc"}
+    result = bench.compare(fns, warmup=1, repeats=3)
+    assert calls == ["a", "b", "c"] * (1 + 3)
+    assert list(result) == ["a", "b", "c"]
+    for name, t in result.items():
+        assert t.label == name and len(t.times_s) == 3
+        assert min(t.times_s) <= t.median_s <= max(t.times_s)
+
+
+def test_peak_memory_sees_an_allocation():
+    delta = bench.peak_memory_mb("x = bytearray(200 * 1024 * 1024)", setup="import json")
+    assert delta > 150
+    assert bench.peak_rss_mb() > 0
+
+
+def test_peak_memory_is_not_hidden_by_setup_peak():
+    # setup peaks at 300 MB and frees it; the measured 200 MB must still show
+    if not bench._reset_peak():
+        pytest.skip("this kernel does not let a process restart its peak-RSS mark")
+    setup = "y = bytearray(300 * 1024 * 1024); del y"
+    assert bench.peak_memory_mb("x = bytearray(200 * 1024 * 1024)", setup=setup) > 150
+
+
+def test_peak_memory_reports_child_errors():
+    with pytest.raises(RuntimeError, match="ValueError: boom"):
+        bench.peak_memory_mb("raise ValueError('boom')")
+    with pytest.raises(RuntimeError, match="ModuleNotFoundError"):
+        bench.peak_memory_mb("pass", setup="import no_such_module_here")
+
+
+def test_count_macs_linear():
+    assert bench.count_macs(torch.nn.Linear(64, 32), torch.randn(10, 64)) == 10 * 64 * 32
+
+
+def test_bench_record_shape_and_validation(tmp_path):
+    variants = [{"name": "sam", "median_s": 1.5, "iqr_s": 0.1},
+                {"name": "sdpa", "median_s": 0.75, "macs": 123, "miou": None}]
+    rec = bench.bench_record("sam", "random", variants)
+    assert set(rec) == {"reference", "weights", "machine", "variants"}
+    assert rec["variants"] == variants
+    path = bench.save_json(rec, tmp_path / "deep" / "bench.json")
+    assert json.loads(path.read_text()) == rec
+    with pytest.raises(ValueError, match="unknown keys"):
+        bench.bench_record("sam", "random", [{"name": "sam", "latency": 1.0}])
+    with pytest.raises(ValueError, match="weights"):
+        bench.bench_record("sam", "pretrained", variants)
+    with pytest.raises(ValueError, match="name"):
+        bench.bench_record("sam", "trained", [{"median_s": 1.0}])
+    with pytest.raises(ValueError, match="reference"):
+        bench.bench_record("vit_h", "trained", variants)
+
+
+def test_as_table():
+    table = bench.as_table([{"name": "sam", "median_s": 1.23456}, {"name": "sdpa", "macs": 7}])
+    lines = table.splitlines()
+    assert lines[0] == "| name | median_s | macs |"
+    assert lines[2] == "| sam | 1.235 |  |"
+    assert lines[3] == "| sdpa |  | 7 |"
+
+
+def test_machine_info_keys():
+    info = bench.machine_info()
+    assert {"python", "torch", "platform", "cpu", "threads", "cpu_capability", "gpu"} <= set(info)
+    for flag in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx"):
+        assert isinstance(info[flag], bool)
+    assert info["threads"] == torch.get_num_threads()
+    json.dumps(info)
