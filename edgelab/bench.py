@@ -274,9 +274,19 @@ def count_macs(module: torch.nn.Module, *inputs: Any) -> int:
     Returns:
         MACs = FLOPs // 2 (one multiply and one add per MAC).
     """
+    # FlopCounterMode's module hooks fail under no_grad/inference mode while parameters require
+    # grad; freezing the parameters for the count builds no graph either.
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    inputs = tuple(t.detach() if torch.is_tensor(t) else t for t in inputs)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(*inputs)
+    try:
+        with counter:
+            module(*inputs)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
     return counter.get_total_flops() // 2
 
 

@@ -89,9 +89,10 @@ def cmd_bench_encoder(args) -> dict:
 def cmd_train_tiny(args) -> dict:
     from . import models, training
     cfg = training.TrainConfig(steps=args.steps or training.TrainConfig.steps, seed=args.seed)
-    final = training.train_tiny(args.out, cfg, device=args.device, resume=not args.fresh)
+    final = training.train_tiny(args.out, cfg, device=args.device, resume=not args.fresh,
+                                stop_after=args.stop_after)
     sha = models.sha256_of(final)
-    return {"weights": str(final), "sha256": sha, "steps": cfg.steps,
+    return {"weights": str(final), "sha256": sha, "steps": cfg.steps, "stop_after": args.stop_after,
             "shipped_sha256": models.TINY_SHA256.read_text().split()[0] if models.TINY_SHA256.exists() else None}
 
 
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/train-tiny")
     t.add_argument("--steps", type=int)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--stop-after", type=int, help="end at this step (the schedule still spans --steps)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
     t.add_argument("--json", action="store_true")

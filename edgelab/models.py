@@ -62,8 +62,8 @@ class OfficialCheckpoint:
 
 
 CONFIGS: dict[str, SamConfig] = {
-    # The embedded default: 256 px input, 8 px patches -> 32x32 tokens, windows of 8x8 tokens.
-    "tiny": SamConfig(img_size=256, patch_size=8, embed_dim=128, depth=6, num_heads=4,
+    # The embedded default: 256 px input, 16 px patches -> 16x16 tokens, windows of 8x8 tokens.
+    "tiny": SamConfig(img_size=256, patch_size=16, embed_dim=128, depth=6, num_heads=4,
                       global_attn_indexes=(2, 5), window_size=8, prompt_dim=128,
                       decoder_mlp_dim=512, decoder_heads=4),
     "vit_b": SamConfig(1024, 16, 768, 12, 12, (2, 5, 8, 11), 14),
@@ -161,7 +161,8 @@ def read_checkpoint(path: str | os.PathLike, name: str) -> dict[str, torch.Tenso
             raise CheckpointError(f"{p} holds pickled Python objects ({unsafe.group(1)}) that "
                                   "weights_only=True refuses to load: not a plain state dict") from None
         kind = "corrupt or truncated" if p.stat().st_size else "empty"
-        msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        inner = re.search(r"WeightsUnpickler error: (.*)", text)
+        msg = inner.group(1) if inner else (text.strip().splitlines()[0] if text.strip() else type(e).__name__)
         raise CheckpointError(f"{p} is not a loadable PyTorch checkpoint ({kind}: {msg[:160]})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # our own training checkpoints wrap the state dict

@@ -28,17 +28,17 @@ from . import evaluate, models, scenes
 class TrainConfig:
     """Everything that fixes a training run; `edgelab train-tiny` reproduces the shipped weights."""
 
-    steps: int = 1300
+    steps: int = 2400
     batch_images: int = 8
-    point_prompts: int = 2  # per image: single positive point
-    box_prompts: int = 1  # per image: noisy bounding box
-    multi_prompts: int = 1  # per image: two positive points and one negative
-    lr: float = 8e-4
+    point_prompts: int = 4  # per image: single positive point
+    box_prompts: int = 2  # per image: noisy bounding box
+    multi_prompts: int = 2  # per image: two positive points and one negative
+    lr: float = 1e-3
     weight_decay: float = 0.05
     warmup: int = 100
     seed: int = 0
-    eval_every: int = 250
-    eval_scenes: int = 40
+    eval_every: int = 300
+    eval_scenes: int = 30
     checkpoint_every: int = 250
     threads: int = 0  # 0: torch's default
 
@@ -180,9 +180,11 @@ def batch_seeds(step: int, cfg: TrainConfig) -> list[int]:
 
 
 def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: str = "cpu",
-               resume: bool = True, progress: bool = True) -> Path:
+               resume: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
     """Train `tiny` from scratch into run_dir (checkpoints, log.jsonl, final weights); resumable.
 
+    `stop_after` ends the run early at that step (the learning-rate schedule still spans
+    cfg.steps), so a checkpoint taken part-way through a run can be reproduced exactly.
     Returns the path of the final state dict (`run_dir/sam_tiny.pt`).
     """
     run = Path(run_dir)
@@ -201,7 +203,8 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     log = open(run / "log.jsonl", "a")
     t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train tiny", disable=not progress)
+    end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
+    bar = tqdm(range(start, end), initial=start, total=end, desc="train tiny", disable=not progress)
     for step in bar:
         rng = np.random.default_rng([cfg.seed, step])
         batch = [scenes.make_scene(s) for s in batch_seeds(step, cfg)]
@@ -215,7 +218,7 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
         rec = {k: round(v, 5) for k, v in out.items() if k != "loss_tensor"}
         rec.update(step=step + 1, lr=_lr_at(step, cfg), elapsed_s=round(time.time() - t0, 1))
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == end:
             sam.eval()
             rec["miou_point"] = evaluate.evaluate_scenes(sam, cfg.eval_scenes, "point", progress=False).miou
             rec["miou_box"] = evaluate.evaluate_scenes(sam, cfg.eval_scenes, "box", progress=False).miou
@@ -223,7 +226,7 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
             bar.write(f"step {step + 1}: point mIoU {rec['miou_point']:.3f}, box mIoU {rec['miou_box']:.3f}")
         log.write(json.dumps(rec) + "\n")
         log.flush()
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
             torch.save({"model": sam.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt)
     log.close()
     final = run / "sam_tiny.pt"

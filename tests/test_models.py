@@ -67,7 +67,8 @@ def test_weights_label_of_a_plain_module():
 
 def test_describe():
     d = models.describe("tiny")
-    assert d["grid"] == 32 and d["tokens"] == 1024 and d["embed_dim"] == 128
+    assert d["grid"] == d["img_size"] // d["patch_size"] and d["tokens"] == d["grid"] ** 2
+    assert models.describe("vit_b")["tokens"] == 64 * 64
 
 
 # --- SamPredictor on the tiny model ----------------------------------------------------------
@@ -224,7 +225,7 @@ def test_missing_key_message_names_the_key(tmp_path, tiny_state):
 
 def test_checkpoint_with_a_wrong_shape_is_refused(tmp_path, tiny_state):
     state = dict(tiny_state)
-    state["image_encoder.pos_embed"] = torch.zeros(1, 16, 16, 128)
+    state["image_encoder.pos_embed"] = torch.zeros(1, 7, 7, 128)  # any grid but tiny's
     path = tmp_path / "reshaped.pt"
     torch.save(state, path)
     assert "not for tiny" in _error(path)

@@ -1,0 +1,59 @@
+"""edgelab.checks: a check passes on a right answer and raises ExerciseError with a hint otherwise."""
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from edgelab import checks, evaluate
+
+
+def good_iou(a, b):
+    return evaluate.iou(a, b)
+
+
+def stub(*args):
+    raise NotImplementedError
+
+
+@pytest.mark.parametrize("fn", [good_iou])
+def test_iou_check_passes_on_a_right_answer(fn):
+    checks.check_iou(fn)
+
+
+@pytest.mark.parametrize("wrong, hint", [
+    (stub, "not implemented"),
+    (lambda a, b: None, "no answer"),
+    (lambda a, b: float(np.logical_and(a, b).sum() / max(1, np.logical_or(a, b).sum())), "empty"),
+    (lambda a, b: float(np.logical_and(a, b).sum() / a.sum()), "Hint"),
+    (lambda a, b: 1 / 0, "ZeroDivisionError"),
+])
+def test_iou_check_raises_with_a_hint(wrong, hint):
+    with pytest.raises(checks.ExerciseError, match=hint):
+        checks.check_iou(wrong)
+
+
+def test_point_check_passes_on_the_library_rule():
+    checks.check_point_prompt(evaluate.point_prompt)
+
+
+def test_point_check_catches_a_plain_centre_of_mass():
+    def centre_only(mask):
+        cy, cx = ndimage.center_of_mass(mask)
+        return cx, cy
+    with pytest.raises(checks.ExerciseError, match="outside the mask"):
+        checks.check_point_prompt(centre_only)
+
+
+def test_point_check_catches_swapped_coordinates():
+    def swapped(mask):
+        x, y = evaluate.point_prompt(mask)
+        return y + 3, x
+    with pytest.raises(checks.ExerciseError):
+        checks.check_point_prompt(swapped)
+
+
+def test_check_close_reports_shape_and_values():
+    checks.check_close("demo", [1.0, 2.0], [1.0, 2.0], "hint")
+    with pytest.raises(checks.ExerciseError, match="shape"):
+        checks.check_close("demo", [1.0], [1.0, 2.0], "hint")
+    with pytest.raises(checks.ExerciseError, match="largest difference"):
+        checks.check_close("demo", [1.0, 2.5], [1.0, 2.0], "hint")
