@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # CUDA-build torch on a CPU
     args = build_parser().parse_args(argv)
     from .models import CheckpointError
     try:
