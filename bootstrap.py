@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     except subprocess.CalledProcessError as e:
         print(f"bootstrap: installing failed ({e}); see the pip output above", file=sys.stderr)
         return 1
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    env = dict(os.environ, PYTHONHASHSEED="0")
     if verb == "run":
         cmd = [BIN / "edgelab", "run", *rest]
     else:
