@@ -19,11 +19,8 @@ class UsageError(Exception):
 
 
 def _load(args):
-    from . import models
-    weights = args.weights
-    if weights == "random" and getattr(args, "checkpoint", None):
-        raise UsageError("give either --checkpoint or --weights random, not both")
-    return models.load_sam(args.model, checkpoint=args.checkpoint, weights=weights, device=args.device)
+    from . import models  # load_sam itself refuses contradictory weights/checkpoint arguments
+    return models.load_sam(args.model, checkpoint=args.checkpoint, weights=args.weights, device=args.device)
 
 
 def cmd_eval(args) -> dict:
@@ -107,7 +104,8 @@ def cmd_report(args) -> dict:
     rows = records.gather(args.run_dirs)
     if not rows:
         raise UsageError(f"no results records under {', '.join(args.run_dirs)}")
-    print(records.markdown_table(rows)) if not args.json else None
+    if not args.json:
+        print(records.markdown_table(rows))
     return {"rows": rows}
 
 
