@@ -263,6 +263,68 @@ def peak_memory_mb(fn_source: str, setup: str = "", *, timeout: float | None = N
     raise RuntimeError("peak_memory_mb: the child process printed no result")
 
 
+# Several measurements in one child: between them freed memory goes back to the system
+# (malloc_trim), so the next peak mark starts from what is really live.
+_CHILD_SERIES = "\n".join(["import ctypes, gc, json, resource, sys", inspect.getsource(_peak_mb),
+                           inspect.getsource(_reset_peak), f"""
+def _release():
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+ns = {{"__name__": "__edgelab_peak__"}}
+exec(compile(sys.argv[1], "<setup>", "exec"), ns)
+for name, src in json.loads(sys.argv[2]).items():
+    _release()
+    _reset_peak()
+    before = _peak_mb()
+    exec(compile(src, "<" + name + ">", "exec"), ns)
+    print({_RESULT_MARK!r} + json.dumps({{"name": name, "delta_mb": _peak_mb() - before}}), flush=True)
+"""])
+
+
+def peak_memory_series(snippets: Mapping[str, str], setup: str = "", *,
+                       timeout: float | None = None) -> dict[str, float]:
+    """Peak RSS growth (MB) of each snippet, run one after another in one fresh Python.
+
+    Like `peak_memory_mb`, but `setup` (imports, a model) runs once for all snippets, which
+    saves a process start per measurement. Before each snippet the child frees what earlier
+    ones left (garbage collection, `malloc_trim`) and restarts its peak mark; large blocks are
+    always returned to the system (MALLOC_MMAP_THRESHOLD_), so an earlier snippet's freed
+    memory cannot hide the next one's peak. Order smaller snippets first all the same.
+
+    Arguments:
+        snippets: name -> Python source, in the order to run.
+        setup: Python source run first, not counted.
+        timeout: seconds before the child is killed (None: no limit).
+    Returns:
+        name -> peak RSS delta in MB.
+    Raises:
+        RuntimeError: the child failed or ran past `timeout`.
+    """
+    env = _child_env()
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD_SERIES, setup, json.dumps(dict(snippets))],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"peak_memory_series: the measured code ran past {timeout} s") from None
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        raise RuntimeError(f"peak_memory_series: the measured code failed: {lines[-1]}")
+    out = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith(_RESULT_MARK):
+            rec = json.loads(line[len(_RESULT_MARK):])
+            out[rec["name"]] = float(rec["delta_mb"])
+    missing = [n for n in snippets if n not in out]
+    if missing:
+        raise RuntimeError(f"peak_memory_series: no result for {', '.join(missing)}")
+    return out
+
+
 # ---------------------------------------------------------------- MACs
 
 def count_macs(module: torch.nn.Module, *inputs: Any) -> int:
@@ -354,4 +416,4 @@ def as_table(variants: list[Mapping[str, Any]]) -> str:
 
 
 __all__ = ["WEIGHT_KINDS", "VARIANT_KEYS", "Timing", "machine_info", "time_callable", "compare",
-           "peak_rss_mb", "peak_memory_mb", "count_macs", "bench_record", "save_json", "as_table"]
+           "peak_rss_mb", "peak_memory_mb", "peak_memory_series", "count_macs", "bench_record", "save_json", "as_table"]

@@ -85,3 +85,81 @@ def check_point_prompt(fn: Callable[[np.ndarray], tuple[float, float]]) -> None:
     if np.hypot(got[0] - 20, got[1] - 20) > 1.0:
         _fail(name, f"for a disk centred at (20, 20) you returned {tuple(got)}.",
               "inside a convex shape the centre of mass is the point to use.")
+
+
+def _frobenius_case() -> list[tuple[torch.Tensor, list[int], str]]:
+    """Weights whose channel order by Frobenius norm differs from the order by sum, L1 norm or columns."""
+    g = torch.Generator().manual_seed(2)
+    conv = torch.randn(6, 3, 3, 3, generator=g)
+    conv *= torch.tensor([3.0, 0.5, 2.0, 1.0, 4.0, 0.2]).view(6, 1, 1, 1)
+    lin = torch.tensor([[3.0, 0.0, 0.0], [2.0, 2.0, 0.0], [-4.0, 0.5, 0.0], [1.0, 1.0, 1.0]])
+    # Frobenius norms of lin's rows: 3.0, 2.83, 4.03, 1.73 -> ascending 3, 1, 0, 2
+    # (by L1 norm: 3.0, 4.0, 4.5, 3.0; by signed sum: 3, 4, -3.5, 3)
+    expected_conv = torch.argsort(conv.flatten(1).norm(dim=1)).tolist()
+    return [(conv, expected_conv, "a conv weight (6, 3, 3, 3)"), (lin, [3, 1, 0, 2], "a Linear weight (4, 3)")]
+
+
+def check_frobenius_ranking(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Notebook 02, exercise "Rank channels by Frobenius norm": fn(weight) -> channel indices, ascending."""
+    name = "Frobenius ranking"
+    for weight, expected, what in _frobenius_case():
+        got = _run(name, fn, weight.clone())
+        _not_done(name, got)
+        got = [int(i) for i in torch.as_tensor(got).flatten().tolist()]
+        if len(got) != weight.shape[0]:
+            _fail(name, f"for {what} you returned {len(got)} indices, expected one per output channel "
+                  f"({weight.shape[0]}).", "output channels are dim 0: flatten each weight[c] and take its norm.")
+        if got == expected[::-1]:
+            _fail(name, f"for {what} your order is descending.", "least important first: sort ascending.")
+        if got != expected:
+            _fail(name, f"for {what} you returned {got}, expected {expected}.",
+                  "the Frobenius norm of channel c is sqrt(sum of weight[c]**2) over all its other dims "
+                  "(weight.flatten(1).norm(dim=1)); not the sum, not the L1 norm, not the columns.")
+
+
+def check_prune_conv(fn: Callable[[torch.nn.Conv2d, torch.nn.Conv2d, float], tuple]) -> None:
+    """Notebook 02, exercise "Prune a conv by hand": fn(conv1, conv2, ratio) -> (smaller conv1, conv2).
+
+    conv1 keeps its int(n * (1 - ratio)) filters of largest Frobenius norm; conv2 keeps the matching
+    input channels; the kept channels' outputs are exactly the original ones.
+    """
+    name = "prune a conv"
+    torch.manual_seed(0)
+    conv1 = torch.nn.Conv2d(3, 10, 3, padding=1)
+    conv2 = torch.nn.Conv2d(10, 4, 3, padding=1)
+    with torch.no_grad():
+        conv1.weight.mul_(torch.linspace(0.2, 2.0, 10)[torch.randperm(10)].view(10, 1, 1, 1))
+    before = [p.detach().clone() for p in (conv1.weight, conv1.bias, conv2.weight)]
+    ratio = 0.4
+    n_keep = int(10 * (1 - ratio))
+    keep = torch.sort(torch.argsort(conv1.weight.detach().flatten(1).norm(dim=1))[10 - n_keep:]).values
+    got = _run(name, fn, conv1, conv2, ratio)
+    _not_done(name, got)
+    if not (isinstance(got, tuple) and len(got) == 2 and all(isinstance(c, torch.nn.Conv2d) for c in got)):
+        _fail(name, f"returned {type(got).__name__}, expected a tuple of two nn.Conv2d.",
+              "build two new convs and return them as (new_conv1, new_conv2).")
+    new1, new2 = got
+    if any(not torch.equal(a, b) for a, b in zip(before, (conv1.weight, conv1.bias, conv2.weight))):
+        _fail(name, "the original convs were modified.", "copy the kept slices into new layers; leave the inputs alone.")
+    if new1.out_channels != n_keep or new2.in_channels != n_keep:
+        _fail(name, f"conv1 has {new1.out_channels} output and conv2 {new2.in_channels} input channels, "
+              f"expected {n_keep} each at ratio {ratio} of 10.",
+              "keep int(n * (1 - ratio)) channels; conv2 must take exactly conv1's kept channels as input.")
+    if new2.out_channels != conv2.out_channels:
+        _fail(name, "conv2's output channels changed.", "only conv2's input channels follow conv1's pruning.")
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        want1 = conv1(x)[:, keep]
+        got1 = new1(x)
+        if got1.shape != want1.shape or not torch.allclose(got1, want1, atol=1e-5):
+            _fail(name, "conv1's kept channels do not reproduce the original channels with the largest norms.",
+                  "rank filters by weight.flatten(1).norm(dim=1), keep the top ones in their original order, "
+                  "and copy the bias of those channels too.")
+        h = torch.relu(conv1(x))
+        mask = torch.zeros(10)
+        mask[keep] = 1
+        want2 = conv2(h * mask.view(1, 10, 1, 1))
+        got2 = new2(torch.relu(got1))
+        if not torch.allclose(got2, want2, atol=1e-5):
+            _fail(name, "conv2 does not match: its output should equal the original conv2 fed only the kept channels.",
+                  "slice conv2.weight[:, keep] (dim 1 is the input channel) and keep its whole bias.")

@@ -1,6 +1,6 @@
 """`edgelab <verb>`: drive the workbook without Jupyter (the guide's command-line contract).
 
-Verbs: run, eval, bench encoder, train-tiny, report. `--json` prints one JSON object on stdout.
+Verbs: run, eval, bench encoder, bench prune, train-tiny, report. `--json` prints one JSON object on stdout.
 Bad input exits 2 with one line on stderr, never a traceback.
 """
 from __future__ import annotations
@@ -59,8 +59,17 @@ def cmd_bench_encoder(args) -> dict:
         raise UsageError("--batch must be 1 or more")
     if args.image_size is not None and args.weights != "random":
         raise UsageError("--image-size changes the architecture (position embeddings): use it with --weights random")
+    variants = None
+    if args.attention is not None:
+        from . import attention
+        try:
+            variants = attention.parse_variants(args.attention)
+        except ValueError as e:
+            raise UsageError(f"--attention: {e}") from None
     model = _load(args) if args.image_size is None else models.load_sam(
         args.model, weights="random", device=args.device, img_size=args.image_size)
+    if variants is not None:
+        return _bench_attention(args, model, variants)
     size = model.image_encoder.img_size
     x = torch.randn(args.batch, 3, size, size, device=args.device)
     with torch.inference_mode():
@@ -81,6 +90,103 @@ def cmd_bench_encoder(args) -> dict:
                 {"name": "decoder", "median_s": t["decoder"].median_s, "iqr_s": t["decoder"].iqr_s,
                  "params": models.count_params(model.mask_decoder) + models.count_params(model.prompt_encoder)}]
     return bench.bench_record("encoder", models.weights_label(model), variants)
+
+
+def _bench_attention(args, model, variants: list[str]) -> dict:
+    """`bench encoder --attention a,b,c`: the encoder with each attention variant, in one run.
+
+    Times are interleaved (bench.compare); errors are against the `reference` output on the
+    same input; peak memory is each variant's encoder forward in one fresh process
+    (bench.peak_memory_series). `reference` is always measured, listed or not.
+    """
+    import torch
+    from . import attention, bench, models
+    names = list(dict.fromkeys(["reference", *variants]))
+    kind = models.weights_label(model)
+    if kind == "random":  # SAM zero-initialises the tables: make the bias path count in the errors
+        attention.randomize_rel_pos(model, seed=args.seed)
+    size = model.image_encoder.img_size
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, 3, size, size, generator=gen).to(args.device)
+    outs: dict[str, torch.Tensor] = {}
+
+    def runner(name):
+        def fn():
+            with attention.use_attention(model, name):
+                outs[name] = model.image_encoder(x)
+        return fn
+
+    with torch.inference_mode():
+        t = bench.compare({n: runner(n) for n in names}, warmup=1, repeats=args.repeats)
+    mem = {}
+    if not args.no_memory:
+        mem = bench.peak_memory_series(
+            {n: f"with torch.inference_mode():\n    attention.set_attention(model, {n!r}).image_encoder(x)\n"
+             for n in names},
+            setup=_memory_setup(args, kind, size), timeout=3600)
+    params = models.count_params(model.image_encoder)
+    rows = []
+    for n in names:
+        row = {"name": n, "batch": args.batch, "image_size": size, "median_s": t[n].median_s,
+               "iqr_s": t[n].iqr_s, "params": params, **attention.output_error(outs[n], outs["reference"])}
+        if n in mem:
+            row["peak_mem_mb"] = mem[n]
+        rows.append(row)
+    record = bench.bench_record("reference", kind, rows)
+    record["attention"] = {"speedup_vs_reference": {n: t["reference"].median_s / t[n].median_s for n in names}}
+    return record
+
+
+def _memory_setup(args, kind: str, size: int) -> str:
+    """Source that rebuilds the benchmarked model and input in a fresh process."""
+    ckpt = repr(str(args.checkpoint)) if args.checkpoint else None
+    weights = repr(kind) if kind in ("random", "checkpoint") else None
+    img = size if kind == "random" else None
+    return ("import torch, warnings\nwarnings.simplefilter('ignore')\n"
+            "from edgelab import attention, models\n"
+            f"model = models.load_sam({args.model!r}, checkpoint={ckpt}, weights={weights}, "
+            f"device={args.device!r}, img_size={img})\n"
+            + ("attention.randomize_rel_pos(model, seed=%d)\n" % args.seed if kind == "random" else "")
+            + f"x = torch.randn({args.batch}, 3, {size}, {size}, generator=torch.Generator().manual_seed({args.seed}))"
+            f".to({args.device!r})\n")
+
+
+def _ratios(text: str) -> list[float]:
+    """'0.2,0.4,0.6' -> [0.2, 0.4, 0.6]; each a fraction in (0, 1)."""
+    try:
+        ratios = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--ratios must be comma-separated fractions like 0.2,0.4,0.6, not {text!r}") from None
+    if not ratios or any(not 0 < r < 1 for r in ratios):
+        raise UsageError(f"--ratios must be fractions between 0 and 1 (exclusive), got {text!r}")
+    return ratios
+
+
+def cmd_bench_prune(args) -> dict:
+    """`bench prune`: one uniformly pruned variant per ratio plus `unpruned` (notebook 02's table)."""
+    from . import bench, models, pruning
+    ratios = _ratios(args.ratios)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if not kinds or set(kinds) - set(pruning.KINDS):
+        raise UsageError(f"--kinds must name some of {','.join(pruning.KINDS)}, not {args.kinds!r}")
+    if args.finetune_steps < 0 or args.repeats < 1 or (args.scenes is not None and args.scenes < 1):
+        raise UsageError("--finetune-steps must be 0 or more, --repeats and --scenes 1 or more")
+    if args.image_size is not None and args.weights != "random":
+        raise UsageError("--image-size changes the architecture (position embeddings): use it with --weights random")
+    model = _load(args) if args.image_size is None else models.load_sam(
+        args.model, weights="random", device=args.device, img_size=args.image_size)
+    kind = models.weights_label(model)
+    if kind == "random" and args.finetune_steps:
+        raise UsageError("--finetune-steps needs trained weights or a checkpoint (random weights: timing only)")
+    cfg = pruning.FinetuneConfig(steps=args.finetune_steps) if args.finetune_steps else None
+    study = pruning.prune_study(model, ratios, kinds, cfg, n_eval=None if kind == "random" else args.scenes,
+                                repeats=args.repeats, progress=not args.json)
+    record = bench.bench_record("unpruned", kind, study["variants"])
+    record["pruning"] = {"kinds": kinds, "finetune_steps": args.finetune_steps,
+                         "miou_before_finetune": study["miou_before"]}
+    if kind == "random":
+        record["note"] = "random weights: params, MACs and latency only"
+    return record
 
 
 def cmd_train_tiny(args) -> dict:
@@ -139,7 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch", type=int, default=1)
     be.add_argument("--prompts", type=int, default=8, help="point prompts per decoder call")
     be.add_argument("--repeats", type=int, default=5)
+    be.add_argument("--attention", metavar="V1,V2,...",
+                    help="compare attention variants in one run (reference, sdpa, fused, folded, tiled, "
+                         "compiled): median_s, peak_mem_mb, max_abs_err, rel_err per variant")
+    be.add_argument("--seed", type=int, default=0, help="seed of the input (and of random rel-pos tables)")
+    be.add_argument("--no-memory", action="store_true", help="with --attention: skip the peak-memory runs")
     be.set_defaults(fn=cmd_bench_encoder)
+
+    bp = bsub.add_parser("prune", help="Frobenius-norm channel pruning at several ratios (notebook 02)")
+    model_args(bp)
+    bp.add_argument("--ratios", default="0.2,0.4,0.6", help="comma-separated pruning ratios")
+    bp.add_argument("--kinds", default="mlp,heads,neck",
+                    help="what to prune: mlp, heads, head_dim, embed, neck (comma-separated)")
+    bp.add_argument("--finetune-steps", type=int, default=0, help="fine-tuning steps per pruned variant")
+    bp.add_argument("--scenes", type=int, default=50, help="eval scenes for mIoU (trained weights)")
+    bp.add_argument("--image-size", type=int, help="input side in px (with --weights random)")
+    bp.add_argument("--repeats", type=int, default=5)
+    bp.set_defaults(fn=cmd_bench_prune)
 
     t = sub.add_parser("train-tiny", help="reproduce the shipped tiny SAM from its seed")
     t.add_argument("--out", default="runs/train-tiny")

@@ -1,0 +1,777 @@
+"""Attention in SAM's image encoder: where the time goes, faster exact variants, BF16, prompt batching.
+
+Taught in notebook 01 (attention profiling). Its sections, and the functions here that serve them:
+  - "Where the encoder's time goes":       `profile_categories`, `flop_categories`, `CATEGORIES`;
+  - "Attention by hand" (exercises):       `naive_attention`, `decomposed_rel_pos_bias`, the checks;
+  - "Attention variants":                  `VARIANTS`, `set_attention`, `use_attention`, `output_error`;
+  - "Scaling with tokens":                 `global_block`, `block_peak_memory_mb`;
+  - "BF16 on this CPU":                    `bf16_support`, `gemm_gflops`, `bf16_encoder`;
+  - "Prompt batching in the decoder":      `decode_loop`, `decode_batched`, `decode_ragged`;
+  - "On a GPU":                            `sdpa_backend`.
+
+SAM's `Attention` (segment_anything/modeling/image_encoder.py) computes, per head,
+softmax((q * scale) @ k^T + B) @ v, where B is the decomposed relative-position bias of MViTv2:
+B[(i, j), (k, l)] = q_(i,j) . Rh[i - k] + q_(i,j) . Rw[j - l]. It materialises the full
+(batch * heads, N, N) score matrix, and a second one when it adds B. The variants compute the same
+function without changing a weight, and can be swapped on a loaded model (`set_attention`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import image_encoder as sam_encoder
+from segment_anything.modeling.common import LayerNorm2d, MLPBlock
+from torch.nn.attention import SDPBackend
+from torch.utils.flop_counter import flop_registry
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .checks import ExerciseError, _fail, _not_done, _run, check_close
+
+SamAttention = sam_encoder.Attention
+_SAM_FORWARD = SamAttention.forward  # SAM's own code, kept to restore "reference"
+
+# Largest score tile (MB) the fused variant builds at once: one query chunk x all keys x heads.
+# (The environment variable reaches fresh processes too, e.g. the peak-memory children.)
+FUSED_TILE_MB = float(os.environ.get("EDGELAB_FUSED_TILE_MB", 64))
+
+
+# =============================================================== Attention by hand (exercises)
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v, written out (section "Attention by hand").
+
+    Arguments:
+        q, k, v: (..., N, d) queries, keys, values (v may have another last dim).
+        scale: multiplies the scores, usually d ** -0.5.
+        bias: optional (..., N, N) additive bias of the scores.
+    Returns:
+        (..., N, d_v) attention output.
+    """
+    scores = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    return scores.softmax(dim=-1) @ v
+
+
+def rel_pos_tables(attn: SamAttention, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's relative-position tables for an H x W grid: Rh (H, H, d) and Rw (W, W, d).
+
+    Rh[i, k] is the embedding of the vertical offset i - k (SAM's `get_rel_pos`, which also
+    interpolates the learned table when the grid differs from the one it was trained for).
+    """
+    h, w = hw
+    return (sam_encoder.get_rel_pos(h, h, attn.rel_pos_h), sam_encoder.get_rel_pos(w, w, attn.rel_pos_w))
+
+
+def rel_pos_terms(q: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor,
+                  hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two small factors of the decomposed bias (section "Attention by hand").
+
+    Arguments:
+        q: (..., H * W, d) unscaled queries.
+        rh, rw: tables from `rel_pos_tables`.
+        hw: the grid (H, W).
+    Returns:
+        rel_h (..., H * W, H) with rel_h[(i, j), k] = q_(i,j) . rh[i, k], and
+        rel_w (..., H * W, W) with rel_w[(i, j), l] = q_(i,j) . rw[j, l].
+    """
+    h, w = hw
+    lead, d = q.shape[:-2], q.shape[-1]
+    r_q = q.reshape(-1, h, w, d)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh).reshape(*lead, h * w, h)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw).reshape(*lead, h * w, w)
+    return rel_h, rel_w
+
+
+def expand_bias(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """Materialise the (..., Nq, H * W) bias from its factors: B[q, (k, l)] = rel_h[q, k] + rel_w[q, l]."""
+    h, w = rel_h.shape[-1], rel_w.shape[-1]
+    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(*rel_h.shape[:-1], h * w)
+
+
+def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                            hw: tuple[int, int]) -> torch.Tensor:
+    """The full (B, N, N) decomposed relative-position bias SAM adds to its scores.
+
+    Arguments:
+        q: (B, H * W, d) unscaled queries (B = batch x heads).
+        rel_pos_h, rel_pos_w: the module's learned tables, (2H - 1, d) and (2W - 1, d).
+        hw: the grid (H, W).
+    Returns:
+        (B, H * W, H * W) bias, equal to what `add_decomposed_rel_pos` adds.
+    """
+    rh = sam_encoder.get_rel_pos(hw[0], hw[0], rel_pos_h)
+    rw = sam_encoder.get_rel_pos(hw[1], hw[1], rel_pos_w)
+    return expand_bias(*rel_pos_terms(q, rh, rw, hw))
+
+
+def _exercise_inputs(seed: int = 0, grid: tuple[int, int] = (3, 4), d: int = 8, batch: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1]
+    q, k, v = (torch.randn(batch, n, d, generator=g) for _ in range(3))
+    tables = (torch.randn(2 * grid[0] - 1, d, generator=g), torch.randn(2 * grid[1] - 1, d, generator=g))
+    return q, k, v, tables
+
+
+def check_naive_attention(fn: Callable[..., torch.Tensor]) -> None:
+    """Notebook 01, exercise "Naive attention": fn(q, k, v, scale) = softmax(q k^T scale) v."""
+    name = "naive attention"
+    q, k, v, _ = _exercise_inputs()
+    got = _run(name, fn, q, k, v, 0.5)
+    _not_done(name, got)
+    hint = ("scores = (q * scale) @ k.transpose(-2, -1); softmax over the LAST dim (the keys); "
+            "then multiply by v.")
+    check_close(name, got, torch.softmax(q @ k.transpose(-2, -1) * 0.5, -1) @ v, hint, atol=1e-5)
+    got_t = _run(name, fn, q, k, v[..., :3], 0.5)
+    if tuple(got_t.shape) != (2, q.shape[1], 3):
+        _fail(name, f"with 3-dim values the output has shape {tuple(got_t.shape)}.",
+              "the output takes its last dimension from v, not from q.")
+
+
+def check_rel_pos_bias(fn: Callable[..., torch.Tensor]) -> None:
+    """Notebook 01, exercise "The decomposed bias": fn(q, rel_pos_h, rel_pos_w, (H, W)) -> (B, N, N).
+
+    Compared with what SAM's own `add_decomposed_rel_pos` adds to a zero score matrix, on a
+    non-square grid, so swapped height and width axes are caught.
+    """
+    name = "decomposed bias"
+    q, _, _, (th, tw) = _exercise_inputs()
+    hw = (3, 4)
+    n = hw[0] * hw[1]
+    expected = sam_encoder.add_decomposed_rel_pos(torch.zeros(q.shape[0], n, n), q, th, tw, hw, hw)
+    got = _run(name, fn, q, th, tw, hw)
+    _not_done(name, got)
+    hint = ("Rh = get_rel_pos(H, H, rel_pos_h) is (H, H, d); rel_h[b, i, j, k] = sum_c q[b, i, j, c] * "
+            "Rh[i, k, c] (einsum 'bhwc,hkc->bhwk'), likewise rel_w with Rw and the column j; then "
+            "bias[b, (i, j), (k, l)] = rel_h[b, i, j, k] + rel_w[b, i, j, l]. Do not scale q here.")
+    check_close(name, got, expected, hint, atol=1e-4, rtol=1e-4)
+
+
+def check_fold(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Notebook 01, exercise "Fold the bias into q and k": fn(q, k, rel_h, rel_w, scale) -> (q', k')
+    with q' @ k'^T == q @ k^T * scale + bias, where bias[(i, j), (a, b)] = rel_h[(i, j), a] + rel_w[(i, j), b].
+    """
+    name = "fold the bias"
+    q, k, _, (th, tw) = _exercise_inputs()
+    hw = (3, 4)
+    rel_h, rel_w = rel_pos_terms(q, *(sam_encoder.get_rel_pos(n, n, t) for n, t in zip(hw, (th, tw))), hw)
+    got = _run(name, fn, q, k, rel_h, rel_w, 0.5)
+    _not_done(name, got)
+    if not (isinstance(got, (tuple, list)) and len(got) == 2):
+        _fail(name, "return a pair (q_folded, k_folded).", "return torch.cat([...], -1) for each of q and k.")
+    qf, kf = got
+    hint = ("q' = [q * scale, rel_h, rel_w] along the last dim; k' = [k, onehot(row of the key), "
+            "onehot(column of the key)]. Key number n sits in row n // W and column n % W.")
+    expected = (q * 0.5) @ k.transpose(-2, -1) + expand_bias(rel_h, rel_w)
+    check_close(name, qf @ kf.transpose(-2, -1), expected, hint, atol=1e-4, rtol=1e-4)
+
+
+# =============================================================== the variants
+
+def _split_heads(attn: SamAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, H, W, C) tokens -> q, k, v of shape (B, heads, H * W, d): SAM's qkv Linear, heads split."""
+    b, h, w, _ = x.shape
+    qkv = attn.qkv(x).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    return qkv.unbind(0)
+
+
+def _merge_heads(attn: SamAttention, out: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, heads, H * W, d) -> (B, H, W, C) and SAM's output projection."""
+    b, heads, _, d = out.shape
+    out = out.transpose(1, 2).reshape(b, hw[0], hw[1], heads * d)
+    return attn.proj(out)
+
+
+@contextlib.contextmanager
+def _scope(category: str) -> Iterator[None]:
+    """Label the ops inside for `profile_categories` and `flop_categories` (cheap when unused)."""
+    _STACK.append(category)
+    try:
+        with torch.profiler.record_function(f"edgelab::{category}"):
+            yield
+    finally:
+        _STACK.pop()
+
+
+def _bias_factors(attn: SamAttention, q: torch.Tensor, hw: tuple[int, int]):
+    """rel_h, rel_w for `q` (None, None when the module has no relative positions)."""
+    if not attn.use_rel_pos:
+        return None, None
+    with _scope("rel-pos bias"):
+        return rel_pos_terms(q, *rel_pos_tables(attn, hw), hw)
+
+
+def reference_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
+    """`reference`: SAM's own `Attention.forward`, unchanged."""
+    return _SAM_FORWARD(attn, x)
+
+
+def sdpa_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
+    """`sdpa`: one `F.scaled_dot_product_attention` call with the full bias as its float mask.
+
+    The (B, heads, N, N) bias is still materialised, but the scores, their sum with the bias
+    and the softmax no longer each get their own N x N tensor.
+    """
+    b, h, w, _ = x.shape
+    q, k, v = _split_heads(attn, x)
+    rel_h, rel_w = _bias_factors(attn, q, (h, w))
+    mask = None
+    if rel_h is not None:
+        with _scope("rel-pos bias"):
+            mask = expand_bias(rel_h, rel_w)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+    return _merge_heads(attn, out, (h, w))
+
+
+def query_chunk(batch_heads: int, n_keys: int, n_queries: int, tile_mb: float | None = None) -> int:
+    """How many queries fit one score tile of `tile_mb` MB (fp32), at least 1, at most all."""
+    tile_mb = FUSED_TILE_MB if tile_mb is None else tile_mb
+    per_query = batch_heads * n_keys * 4
+    return max(1, min(n_queries, int(tile_mb * 2**20 // per_query)))
+
+
+def fused_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
+    """`fused`: SDPA's fused kernel over query chunks, each with only its own slice of the bias.
+
+    The scores never exist beyond one tile of `FUSED_TILE_MB` MB: peak memory grows linearly
+    with the tokens instead of quadratically. Exact (no approximation): every query still sees
+    every key and its bias.
+    """
+    b, h, w, _ = x.shape
+    q, k, v = _split_heads(attn, x)
+    rel_h, rel_w = _bias_factors(attn, q, (h, w))
+    if rel_h is None:
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        return _merge_heads(attn, out, (h, w))
+    n = h * w
+    step = query_chunk(b * attn.num_heads, n, n)
+    out = torch.empty_like(q)
+    tile = torch.empty(b * attn.num_heads * step * n, dtype=q.dtype, device=q.device)  # reused per chunk
+    for s in range(0, n, step):
+        rows = min(step, n - s)
+        with _scope("rel-pos bias"):
+            mask = tile[:b * attn.num_heads * rows * n].view(b, attn.num_heads, rows, h, w)
+            torch.add(rel_h[:, :, s:s + rows, :, None], rel_w[:, :, s:s + rows, None, :], out=mask)
+        out[:, :, s:s + rows] = F.scaled_dot_product_attention(
+            q[:, :, s:s + rows], k, v, attn_mask=mask.view(b, attn.num_heads, rows, n), scale=attn.scale)
+    return _merge_heads(attn, out, (h, w))
+
+
+def _one_hot_keys(hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """(N, H + W): for key (k, l), a 1 in column k and a 1 in column H + l."""
+    h, w = hw
+    rows = torch.arange(h, device=like.device).repeat_interleave(w)
+    cols = torch.arange(w, device=like.device).repeat(h)
+    hot = torch.zeros(h * w, h + w, dtype=like.dtype, device=like.device)
+    hot[torch.arange(h * w, device=like.device), rows] = 1
+    hot[torch.arange(h * w, device=like.device), h + cols] = 1
+    return hot
+
+
+def folded_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
+    """`folded`: the bias folded into q and k, one SDPA call with no mask at all.
+
+    q' = [q * scale, rel_h, rel_w] and k' = [k, onehot(row), onehot(col)], so that
+    q' . k' = q . k * scale + rel_h[row] + rel_w[col]: the scores *with* their bias, and no
+    (N, N) tensor anywhere. SDPA's fused kernels want v as wide as q', so v is zero-padded.
+    The price: q', k' and v' are d + H + W wide instead of d.
+    """
+    b, h, w, _ = x.shape
+    q, k, v = _split_heads(attn, x)
+    rel_h, rel_w = _bias_factors(attn, q, (h, w))
+    if rel_h is None:
+        return _merge_heads(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale), (h, w))
+    d = q.shape[-1]
+    with _scope("rel-pos bias"):
+        qf = torch.cat([q * attn.scale, rel_h, rel_w], dim=-1)
+        hot = _one_hot_keys((h, w), k).expand(*k.shape[:2], -1, -1)
+        kf = torch.cat([k, hot], dim=-1)
+        vf = F.pad(v, (0, qf.shape[-1] - d))
+    out = F.scaled_dot_product_attention(qf, kf, vf, scale=1.0)[..., :d]
+    return _merge_heads(attn, out, (h, w))
+
+
+def tiled_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
+    """`tiled`: SAM's math by hand over query tiles (baddbmm, softmax, bmm), no fused kernel.
+
+    The memory of `fused` with plain BLAS calls; it shows what the fused kernel adds beyond tiling.
+    """
+    b, h, w, _ = x.shape
+    q, k, v = _split_heads(attn, x)
+    heads, n, d = attn.num_heads, h * w, q.shape[-1]
+    q, k, v = (t.reshape(b * heads, n, d) for t in (q, k, v))
+    rel_h, rel_w = _bias_factors(attn, q, (h, w))
+    qs, kt = q * attn.scale, k.transpose(1, 2)
+    step = query_chunk(b * heads, n, n)
+    out = torch.empty_like(q)
+    for s in range(0, n, step):
+        if rel_h is None:
+            scores = torch.bmm(qs[:, s:s + step], kt)
+        else:
+            with _scope("rel-pos bias"):
+                bias = expand_bias(rel_h[:, s:s + step], rel_w[:, s:s + step])
+            scores = torch.baddbmm(bias, qs[:, s:s + step], kt)
+        torch.bmm(torch.softmax(scores, dim=-1), v, out=out[:, s:s + step])
+    return _merge_heads(attn, out.reshape(b, heads, n, d), (h, w))
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
+    """`compiled`: `torch.compile` of `fused_forward` (first calls compile: seconds to a minute)."""
+    if "fused" not in _COMPILED:
+        _COMPILED["fused"] = torch.compile(fused_forward, dynamic=False)
+    return _COMPILED["fused"](attn, x)
+
+
+VARIANTS: dict[str, Callable[[SamAttention, torch.Tensor], torch.Tensor]] = {
+    "reference": reference_forward,
+    "sdpa": sdpa_forward,
+    "fused": fused_forward,
+    "folded": folded_forward,
+    "tiled": tiled_forward,
+    "compiled": compiled_forward,
+}
+EXACT_VARIANTS = tuple(VARIANTS)  # all compute SAM's function in fp32; only rounding differs
+
+
+def attention_modules(model: torch.nn.Module) -> list[SamAttention]:
+    """Every SAM image-encoder `Attention` in `model` (a Sam, an encoder, a block, or one itself)."""
+    return [m for m in model.modules() if isinstance(m, SamAttention)]
+
+
+def set_attention(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """Switch every image-encoder attention of `model` to variant `name`, in place; return model.
+
+    No weight changes and nothing is reloaded: each module's `forward` is replaced (or, for
+    "reference", SAM's own is restored). Section "Attention variants".
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown attention variant {name!r}: choose from {', '.join(VARIANTS)}")
+    mods = attention_modules(model)
+    if not mods:
+        raise ValueError("no segment_anything image-encoder Attention module in this model")
+    for m in mods:
+        if name == "reference":
+            m.__dict__.pop("forward", None)
+        else:
+            m.forward = types.MethodType(VARIANTS[name], m)
+        m._edgelab_attention = name
+    return model
+
+
+def attention_of(model: torch.nn.Module) -> str:
+    """The variant `model`'s attention modules run ("mixed" if they differ)."""
+    names = {getattr(m, "_edgelab_attention", "reference") for m in attention_modules(model)}
+    return names.pop() if len(names) == 1 else "mixed"
+
+
+@contextlib.contextmanager
+def use_attention(model: torch.nn.Module, name: str) -> Iterator[torch.nn.Module]:
+    """`with use_attention(model, "fused"): ...` runs the block with that variant, then restores."""
+    before = {m: getattr(m, "_edgelab_attention", "reference") for m in attention_modules(model)}
+    set_attention(model, name)
+    try:
+        yield model
+    finally:
+        for m, old in before.items():
+            set_attention(m, old)
+
+
+def parse_variants(text: str | Sequence[str]) -> list[str]:
+    """"reference,sdpa,fused" -> ["reference", "sdpa", "fused"]; raises ValueError on an unknown name."""
+    names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text) if s.strip()]
+    if not names:
+        raise ValueError("no attention variant given")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown attention variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
+    return list(dict.fromkeys(names))
+
+
+def randomize_rel_pos(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> int:
+    """Fill the relative-position tables with N(0, std) values; return how many tables.
+
+    SAM initialises these tables to zero, so in a random-weights model the bias is 0 and an error
+    check would not exercise the bias path of a variant. Timing does not depend on the values.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mods = attention_modules(model)
+    with torch.no_grad():
+        for m in mods:
+            for p in (m.rel_pos_h, m.rel_pos_w):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return len(mods)
+
+
+def output_error(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """max_abs_err and rel_err (Frobenius norm of the difference over that of `ref`)."""
+    diff = (out.double() - ref.double())
+    return {"max_abs_err": diff.abs().max().item(),
+            "rel_err": (diff.norm() / ref.double().norm().clamp_min(1e-30)).item()}
+
+
+# =============================================================== where the time goes
+
+CATEGORIES = ("attention matmuls", "softmax", "rel-pos bias", "Linear/MLP", "conv/patch embed", "norms", "other")
+_STACK: list[str] = []
+_MODULE_CATEGORY: tuple[tuple[type, str], ...] = (
+    (MLPBlock, "Linear/MLP"), (torch.nn.Linear, "Linear/MLP"), (torch.nn.Conv2d, "conv/patch embed"),
+    (torch.nn.LayerNorm, "norms"), (LayerNorm2d, "norms"))
+_MATMUL_OPS = {"matmul", "bmm", "mm", "baddbmm", "addmm", "einsum", "linear"}
+_SOFTMAX_OPS = {"softmax", "_softmax", "safe_softmax", "_safe_softmax"}
+
+
+def classify_op(name: str) -> str:
+    """The category of an op outside any labelled module: "aten::bmm" -> "attention matmuls"."""
+    base = name.split("::")[-1].split(".")[0]
+    if base in _MATMUL_OPS or "scaled_dot_product" in base or "flash_attention" in base:
+        return "attention matmuls"
+    if base in _SOFTMAX_OPS:
+        return "softmax"
+    return "other"
+
+
+@contextlib.contextmanager
+def category_scopes(module: torch.nn.Module) -> Iterator[None]:
+    """Label the ops of Linear/MLP, conv, norm modules and SAM's rel-pos function by category.
+
+    Module hooks open a `record_function` scope (seen by torch.profiler) and push the category
+    (seen by `flop_categories`); SAM's `add_decomposed_rel_pos` is wrapped the same way.
+    """
+    handles, open_scopes = [], []
+
+    def pre(mod, _inputs, category):
+        _STACK.append(category)
+        rf = torch.profiler.record_function(f"edgelab::{category}")
+        rf.__enter__()
+        open_scopes.append(rf)
+
+    def post(mod, _inputs, _out):
+        open_scopes.pop().__exit__(None, None, None)
+        _STACK.pop()
+
+    for m in module.modules():
+        for kind, category in _MODULE_CATEGORY:
+            if isinstance(m, kind):
+                handles.append(m.register_forward_pre_hook(lambda mod, i, c=category: pre(mod, i, c)))
+                handles.append(m.register_forward_hook(post))
+                break
+    original = sam_encoder.add_decomposed_rel_pos
+
+    def scoped_rel_pos(*args, **kwargs):
+        with _scope("rel-pos bias"):
+            return original(*args, **kwargs)
+
+    sam_encoder.add_decomposed_rel_pos = scoped_rel_pos
+    try:
+        yield
+    finally:
+        sam_encoder.add_decomposed_rel_pos = original
+        for h in handles:
+            h.remove()
+
+
+def _event_category(event) -> str:
+    """Innermost edgelab scope around a profiler event, else the name of its outermost op."""
+    top, node = event, event
+    while node is not None:
+        if node.name.startswith("edgelab::"):
+            return node.name[len("edgelab::"):]
+        top = node
+        node = node.cpu_parent
+    return classify_op(top.name)
+
+
+def profile_categories(module: torch.nn.Module, *inputs: torch.Tensor,
+                       warmup: int = 1) -> tuple[dict[str, float], object]:
+    """Seconds of one forward of `module` by category, from torch.profiler (section "Where the time goes").
+
+    Each op's self time goes to the innermost labelled module around it (`category_scopes`), or
+    else to the category of its outermost op ("aten::bmm" -> attention matmuls, softmax, other).
+    `warmup` unprofiled forwards run first (first calls pay for allocation and lazy setup).
+    Returns:
+        ({category: seconds} in CATEGORIES order, the module's output).
+    """
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the profiler's start/stop chatter quiet
+    for _ in range(warmup):
+        module(*inputs)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    with category_scopes(module), torch.profiler.profile(activities=acts) as prof:
+        out = module(*inputs)
+    seconds = dict.fromkeys(CATEGORIES, 0.0)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CPU:
+            seconds[_event_category(ev)] += ev.self_cpu_time_total / 1e6
+    return seconds, out
+
+
+class _FlopsByCategory(TorchDispatchMode):
+    """Counts FLOPs per category with torch.utils.flop_counter's formulas."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = dict.fromkeys(CATEGORIES, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            category = _STACK[-1] if _STACK else classify_op(packet.__name__)
+            self.flops[category] += int(flop_registry[packet](*args, **kwargs, out_val=out))
+        return out
+
+
+def flop_categories(module: torch.nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
+    """FLOPs of one forward of `module` by category (torch.utils.flop_counter's counts).
+
+    Runs on fake tensors (shapes only), so counting vit_h costs no arithmetic. Softmax, norms and
+    element-wise ops count zero FLOPs there: that is the counter's convention, and the lesson.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    counter = _FlopsByCategory()
+    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
+        fake_inputs = [fake.from_tensor(t) if torch.is_tensor(t) else t for t in inputs]
+        with category_scopes(module), counter, torch.no_grad():
+            module(*fake_inputs)
+    return counter.flops
+
+
+def shares(values: Mapping[str, float]) -> dict[str, float]:
+    """Each value over their sum (0 for all when the sum is 0)."""
+    total = sum(values.values())
+    return {k: (v / total if total else 0.0) for k, v in values.items()}
+
+
+def category_table(columns: Mapping[str, Mapping[str, float]]) -> str:
+    """A text table, one row per category, one share column per entry of `columns`.
+
+    `columns` maps a heading ("vit_b time", "vit_b FLOPs") to {category: seconds or FLOPs};
+    each column is shown as shares of its own total, with the total in the last row.
+    """
+    heads = list(columns)
+    width = max(12, *(len(h) for h in heads))
+    lines = [f"{'category':18s}" + "".join(f"{h:>{width + 2}s}" for h in heads)]
+    fractions = {h: shares(columns[h]) for h in heads}
+    for cat in CATEGORIES:
+        lines.append(f"{cat:18s}" + "".join(f"{fractions[h].get(cat, 0.0):>{width + 2}.1%}" for h in heads))
+    totals = []
+    for h in heads:
+        total = sum(columns[h].values())
+        totals.append(f"{total:.3g} s" if "time" in h else f"{total / 1e9:.1f} GFLOP")
+    lines.append(f"{'total':18s}" + "".join(f"{t:>{width + 2}s}" for t in totals))
+    return "\n".join(lines)
+
+
+# =============================================================== scaling with tokens
+
+def global_block(dim: int = 768, heads: int = 12, grid: int = 64, seed: int = 0,
+                 batch: int = 1) -> tuple[SamAttention, torch.Tensor]:
+    """One of SAM's global attention blocks on a grid x grid token map, and a random input.
+
+    Defaults are vit_b's width and heads; grid = image side / 16 (64 at 1024 px). The
+    relative-position tables are random (SAM zero-initialises them) so the bias is real.
+    """
+    torch.manual_seed(seed)
+    attn = SamAttention(dim, num_heads=heads, qkv_bias=True, use_rel_pos=True, input_size=(grid, grid)).eval()
+    randomize_rel_pos(attn, seed=seed)
+    return attn, torch.randn(batch, grid, grid, dim)
+
+
+def block_peak_memory_mb(variants: Sequence[str], grid: int | Sequence[int], dim: int = 768,
+                         heads: int = 12, timeout: float | None = 900) -> dict:
+    """Peak RSS growth (MB) of one forward of a global block per variant, in one fresh process.
+
+    Section "Scaling with tokens". Uses `bench.peak_memory_series`: the blocks and their inputs
+    are built first (not counted); each forward is then measured from a fresh peak mark.
+    Returns:
+        {variant: MB} for one grid; {(grid, variant): MB} when `grid` is a list of grids.
+    """
+    from . import bench
+
+    grids = [grid] if isinstance(grid, int) else list(grid)
+    setup = "import torch\nfrom edgelab import attention\nblocks = {}\n" + "".join(
+        f"blocks[{g}] = attention.global_block({dim}, {heads}, {g})\n" for g in grids)
+    snippets = {f"{g}:{v}": (f"blk, x = blocks[{g}]\nwith torch.inference_mode():\n"
+                             f"    attention.set_attention(blk, {v!r})(x)\n")
+                for g in sorted(grids) for v in variants}
+    mem = bench.peak_memory_series(snippets, setup=setup, timeout=timeout)
+    if isinstance(grid, int):
+        return {v: mem[f"{grid}:{v}"] for v in variants}
+    return {(g, v): mem[f"{g}:{v}"] for g in grids for v in variants}
+
+
+def block_times(variants: Sequence[str], grid: int, dim: int = 768, heads: int = 12,
+                repeats: int = 3) -> dict[str, float]:
+    """Median seconds of one global block's forward per variant, interleaved (section "Scaling")."""
+    from . import bench
+
+    blk, x = global_block(dim, heads, grid)
+    fns = {v: (lambda v=v: set_attention(blk, v)(x)) for v in variants}
+    with torch.inference_mode():
+        return {v: t.median_s for v, t in bench.compare(fns, warmup=1, repeats=repeats).items()}
+
+
+def timing_model(name: str, img_size: int | None = None, device: str = "cpu", seed: int = 0):
+    """SAM `name` with random weights (timing only) and random rel-pos tables, so errors see the bias."""
+    from . import models
+
+    torch.manual_seed(seed)
+    model = models.load_sam(name, weights="random", img_size=img_size, device=device)
+    randomize_rel_pos(model, seed=seed)
+    return model
+
+
+# =============================================================== BF16 on this CPU
+
+def bf16_support() -> dict[str, object]:
+    """Whether this CPU has BF16 instructions (section "BF16 on this CPU").
+
+    avx512_bf16 (dot products of BF16 pairs into fp32) and AMX (tile matrix units) are the CPU
+    flags; `onednn_bf16` is whether PyTorch's oneDNN build thinks BF16 kernels are worth using.
+    Whether BF16 is *faster* is a separate question: `gemm_gflops` measures it.
+    """
+    from .bench import machine_info
+
+    info = machine_info()
+    mkldnn_bf16 = None
+    with contextlib.suppress(AttributeError, RuntimeError):
+        mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    native = bool(info["amx"] or info["avx512_bf16"])
+    return {"cpu": info["cpu"], "cpu_capability": info["cpu_capability"], "avx512_bf16": info["avx512_bf16"],
+            "amx": info["amx"], "onednn_bf16": mkldnn_bf16, "native_bf16_instructions": native}
+
+
+def gemm_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """Throughput of an n x n x n matmul in `dtype` (GFLOP/s, median of `repeats`)."""
+    from .bench import time_callable
+
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    t = time_callable(lambda: a @ b, warmup=2, repeats=repeats)
+    return 2 * n**3 / t.median_s / 1e9
+
+
+class bf16_encoder(torch.nn.Module):
+    """The image encoder in BF16: `mode="autocast"` (weights fp32, ops cast) or `"weights"`
+    (a BF16 copy of the weights and activations: the poster's post-training BF16). fp32 output."""
+
+    def __init__(self, encoder: torch.nn.Module, mode: str = "autocast") -> None:
+        super().__init__()
+        if mode not in ("autocast", "weights"):
+            raise ValueError(f"mode must be 'autocast' or 'weights', not {mode!r}")
+        self.mode = mode
+        if mode == "weights":
+            import copy
+            encoder = copy.deepcopy(encoder).to(torch.bfloat16)
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "weights":
+            return self.encoder(x.to(torch.bfloat16)).float()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.encoder(x).float()
+
+
+# =============================================================== prompt batching
+
+def _decode(model, emb: torch.Tensor, pts: torch.Tensor, labels: torch.Tensor):
+    sparse, dense = model.prompt_encoder(points=(pts, labels), boxes=None, masks=None)
+    return model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
+
+
+def decode_loop(model, emb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder call per prompt (section "Prompt batching"). points: (N, 2) in input pixels.
+
+    Returns low-res masks (N, 3, h, w) and predicted IoUs (N, 3).
+    """
+    outs = [_decode(model, emb, p.view(1, 1, 2), torch.ones(1, 1, dtype=torch.int, device=p.device))
+            for p in points]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def decode_batched(model, emb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All N prompts of one image in one decoder call (SAM repeats the embedding per prompt)."""
+    labels = torch.ones(len(points), 1, dtype=torch.int, device=points.device)
+    return _decode(model, emb, points[:, None, :], labels)
+
+
+def decode_ragged(model, embs: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of several images, a different number each, in one decoder pass.
+
+    Arguments:
+        embs: (I, C, h, w) image embeddings.
+        points: a jagged nested tensor of I components, component i of shape (n_i, 2).
+    Returns:
+        masks (sum n_i, 3, h', w') and IoUs (sum n_i, 3), image 0's prompts first.
+
+    SAM's `MaskDecoder.predict_masks` repeats one embedding per prompt; here each prompt is given
+    its own image's embedding instead (`index_select` by the nested tensor's offsets), then the
+    decoder's transformer and heads run once on the whole flat batch.
+    """
+    flat = points.values()
+    counts = points.offsets().diff()
+    image_of = torch.repeat_interleave(torch.arange(len(counts), device=flat.device), counts)
+    labels = torch.ones(len(flat), 1, dtype=torch.int, device=flat.device)
+    sparse, dense = model.prompt_encoder(points=(flat[:, None, :], labels), boxes=None, masks=None)
+    return _predict_masks_per_prompt(model.mask_decoder, embs.index_select(0, image_of),
+                                     model.prompt_encoder.get_dense_pe(), sparse, dense)
+
+
+def _predict_masks_per_prompt(dec, src_emb, pos, sparse, dense):
+    """SAM's `MaskDecoder.predict_masks` with a per-prompt embedding batch (no repeat_interleave)."""
+    tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+    tokens = torch.cat([tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse], dim=1)
+    src = src_emb + dense
+    pos_src = torch.repeat_interleave(pos, tokens.shape[0], dim=0)
+    b, c, h, w = src.shape
+    hs, src = dec.transformer(src, pos_src, tokens)
+    iou_token_out, mask_tokens_out = hs[:, 0, :], hs[:, 1:(1 + dec.num_mask_tokens), :]
+    upscaled = dec.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
+    hyper = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], 1)
+    b, c, h, w = upscaled.shape
+    masks = (hyper @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    iou = dec.iou_prediction_head(iou_token_out)
+    return masks[:, 1:], iou[:, 1:]  # SAM's multimask output: the three masks after the first
+
+
+# =============================================================== on a GPU
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 scale: float | None = None) -> str:
+    """The SDPA kernel PyTorch picks for these inputs: FLASH_ATTENTION, EFFICIENT_ATTENTION, MATH, ...
+
+    Section "On a GPU". Asks the dispatcher (`torch._fused_sdp_choice`) what it would run.
+    """
+    choice = torch._fused_sdp_choice(q, k, v, attn_mask, 0.0, False, scale=scale)
+    return SDPBackend(choice).name
+
+
+def block_qkv(attn: SamAttention, x: torch.Tensor, variant: str):
+    """q, k, v and mask exactly as `variant` hands them to SDPA (for `sdpa_backend`)."""
+    b, h, w, _ = x.shape
+    q, k, v = _split_heads(attn, x)
+    rel_h, rel_w = _bias_factors(attn, q, (h, w))
+    if variant == "folded":
+        qf = torch.cat([q * attn.scale, rel_h, rel_w], -1)
+        kf = torch.cat([k, _one_hot_keys((h, w), k).expand(*k.shape[:2], -1, -1)], -1)
+        return qf, kf, F.pad(v, (0, qf.shape[-1] - v.shape[-1])), None, 1.0
+    step = query_chunk(b * attn.num_heads, h * w, h * w) if variant == "fused" else h * w
+    mask = expand_bias(rel_h[:, :, :step], rel_w[:, :, :step])
+    return q[:, :, :step], k, v, mask, attn.scale
+
+
+__all__ = ["CATEGORIES", "VARIANTS", "EXACT_VARIANTS", "FUSED_TILE_MB", "naive_attention",
+           "decomposed_rel_pos_bias", "check_naive_attention", "check_rel_pos_bias", "check_fold", "set_attention",
+           "use_attention", "attention_of", "attention_modules", "parse_variants", "randomize_rel_pos",
+           "output_error", "profile_categories", "flop_categories", "shares", "category_table",
+           "global_block", "block_peak_memory_mb", "block_times", "timing_model", "bf16_support", "gemm_gflops", "bf16_encoder", "decode_loop",
+           "decode_batched", "decode_ragged", "sdpa_backend", "block_qkv"]

@@ -1,0 +1,235 @@
+"""edgelab.attention: every variant computes SAM's attention; switching, profiling, checks, CLI.
+
+Small on purpose (2-core CPU): the tiny architecture, single blocks on small grids. No time is
+asserted (GUIDE, "Measuring").
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from segment_anything.modeling import image_encoder as sam_encoder
+
+from edgelab import attention as A
+from edgelab import bench, checks, models
+
+FAST = [v for v in A.VARIANTS if v != "compiled"]  # compiling takes minutes on 2 cores
+
+
+@pytest.fixture(scope="module")
+def tiny_bias():
+    """The tiny SAM with random weights and random (non-zero) relative-position tables."""
+    torch.manual_seed(0)
+    model = models.load_sam("tiny", weights="random")
+    assert A.randomize_rel_pos(model, seed=1) == 6
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_input():
+    return torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_bias, tiny_input):
+    with torch.inference_mode():
+        return tiny_bias.image_encoder(tiny_input)
+
+
+@pytest.mark.parametrize("variant", FAST)
+def test_variant_reproduces_reference_encoder(variant, tiny_bias, tiny_input, tiny_reference):
+    with torch.inference_mode(), A.use_attention(tiny_bias, variant):
+        out = tiny_bias.image_encoder(tiny_input)
+    err = A.output_error(out, tiny_reference)
+    assert err["rel_err"] < 1e-5 and err["max_abs_err"] < 1e-4, err
+
+
+@pytest.mark.parametrize("variant", ["fused", "tiled"])
+def test_chunked_variants_exact_with_many_chunks(variant, monkeypatch):
+    # a 6x5 grid (non-square, odd) and a tile so small that every query chunk is a few rows
+    blk, _ = A.global_block(dim=32, heads=2, grid=6, seed=3)
+    x = torch.randn(2, 6, 5, 32)
+    blk.rel_pos_w.data = torch.randn(9, 16)
+    with torch.inference_mode():
+        ref = A.set_attention(blk, "reference")(x)
+        monkeypatch.setattr(A, "FUSED_TILE_MB", 2 * 2 * 30 * 4 * 7 / 2**20)  # 7 queries per tile
+        assert A.query_chunk(4, 30, 30) == 7
+        out = A.set_attention(blk, variant)(x)
+    assert A.output_error(out, ref)["rel_err"] < 1e-5
+
+
+def test_folded_without_relative_positions():
+    attn = sam_encoder.Attention(32, num_heads=4, use_rel_pos=False).eval()
+    x = torch.randn(1, 4, 4, 32)
+    with torch.inference_mode():
+        ref = A.set_attention(attn, "reference")(x)
+        for v in FAST:
+            assert torch.allclose(A.set_attention(attn, v)(x), ref, atol=1e-5), v
+
+
+def test_set_attention_switches_and_restores(tiny_bias):
+    mods = A.attention_modules(tiny_bias)
+    assert len(mods) == 6 and A.attention_of(tiny_bias) == "reference"
+    with A.use_attention(tiny_bias, "fused"):
+        assert A.attention_of(tiny_bias) == "fused"
+        with A.use_attention(tiny_bias, "sdpa"):
+            assert A.attention_of(tiny_bias) == "sdpa"
+        assert A.attention_of(tiny_bias) == "fused"
+    assert A.attention_of(tiny_bias) == "reference"
+    assert all("forward" not in m.__dict__ for m in mods), "reference must be SAM's own forward again"
+    with pytest.raises(ValueError, match="unknown attention variant 'flash'"):
+        A.set_attention(tiny_bias, "flash")
+    with pytest.raises(ValueError, match="no segment_anything"):
+        A.set_attention(torch.nn.Linear(2, 2), "fused")
+
+
+def test_parse_variants():
+    assert A.parse_variants("reference, sdpa,fused,sdpa") == ["reference", "sdpa", "fused"]
+    with pytest.raises(ValueError, match="unknown attention variant 'nope'"):
+        A.parse_variants("sdpa,nope")
+    with pytest.raises(ValueError, match="no attention variant"):
+        A.parse_variants(" , ")
+
+
+def test_trained_tiny_miou_is_unchanged_by_fused_attention():
+    from edgelab import evaluate
+    model = models.load_sam("tiny")
+    ref = evaluate.evaluate_scenes(model, 2, progress=False)
+    with A.use_attention(model, "fused"):
+        fused = evaluate.evaluate_scenes(model, 2, progress=False)
+    assert abs(fused.miou - ref.miou) < 1e-4
+
+
+def test_decomposed_bias_matches_sam():
+    q = torch.randn(3, 12, 8)
+    th, tw = torch.randn(5, 8), torch.randn(7, 8)
+    expected = sam_encoder.add_decomposed_rel_pos(torch.zeros(3, 12, 12), q, th, tw, (3, 4), (3, 4))
+    assert torch.allclose(A.decomposed_rel_pos_bias(q, th, tw, (3, 4)), expected, atol=1e-5)
+
+
+def test_exercise_checks_accept_solutions_and_reject_mistakes():
+    A.check_naive_attention(A.naive_attention)
+    A.check_rel_pos_bias(A.decomposed_rel_pos_bias)
+    with pytest.raises(checks.ExerciseError, match="naive attention"):
+        A.check_naive_attention(lambda q, k, v, s: torch.softmax(q @ k.transpose(-2, -1) * s, 1) @ v)
+    with pytest.raises(checks.ExerciseError, match="no answer yet"):
+        A.check_naive_attention(lambda q, k, v, s: None)
+    with pytest.raises(checks.ExerciseError, match="not implemented"):
+        A.check_rel_pos_bias(lambda *a: (_ for _ in ()).throw(NotImplementedError))
+
+    def swapped(q, th, tw, hw):  # height and width tables exchanged
+        return A.decomposed_rel_pos_bias(q, tw, th, hw[::-1])
+    with pytest.raises(checks.ExerciseError, match="decomposed bias"):
+        A.check_rel_pos_bias(swapped)
+
+    def scaled(q, th, tw, hw):  # q scaled before the bias: SAM uses the unscaled q
+        return A.decomposed_rel_pos_bias(q * q.shape[-1] ** -0.5, th, tw, hw)
+    with pytest.raises(checks.ExerciseError):
+        A.check_rel_pos_bias(scaled)
+
+
+def test_categories_cover_time_and_flops(tiny_bias):
+    x = torch.randn(1, 3, 256, 256)
+    flops = A.flop_categories(tiny_bias.image_encoder, x)
+    assert set(flops) == set(A.CATEGORIES)
+    assert sum(flops.values()) == 2 * bench.count_macs(tiny_bias.image_encoder, x)
+    assert flops["softmax"] == flops["norms"] == 0 and flops["Linear/MLP"] > flops["attention matmuls"] > 0
+    assert flops["rel-pos bias"] > 0 and flops["conv/patch embed"] > 0
+    with torch.inference_mode():
+        secs, out = A.profile_categories(tiny_bias.image_encoder, x)
+    assert out.shape == (1, 128, 16, 16)
+    assert set(secs) == set(A.CATEGORIES) and all(s >= 0 for s in secs.values())
+    for cat in ("attention matmuls", "softmax", "rel-pos bias", "Linear/MLP", "norms"):
+        assert secs[cat] > 0, cat
+    assert abs(sum(A.shares(secs).values()) - 1) < 1e-9
+    assert sam_encoder.add_decomposed_rel_pos.__name__ == "add_decomposed_rel_pos", "patch not undone"
+
+
+def test_classify_op():
+    assert A.classify_op("aten::bmm") == "attention matmuls"
+    assert A.classify_op("aten::scaled_dot_product_attention") == "attention matmuls"
+    assert A.classify_op("aten::_softmax") == "softmax"
+    assert A.classify_op("aten::add") == "other"
+
+
+def test_block_peak_memory_fused_below_reference(monkeypatch):
+    monkeypatch.setenv("EDGELAB_FUSED_TILE_MB", "2")  # the child builds 2 MB tiles
+    mem = A.block_peak_memory_mb(["fused", "reference"], grid=32, dim=64, heads=4)
+    assert set(mem) == {"fused", "reference"}
+    # reference holds >= 3 (4, 1024, 1024) fp32 score tensors (16 MB each); fused never one whole
+    assert mem["reference"] > 40 and mem["fused"] < mem["reference"] / 2, mem
+
+
+def test_peak_memory_series_measures_each_snippet():
+    mem = bench.peak_memory_series({"small": "a = bytearray(20 * 2**20); del a",
+                                    "big": "b = bytearray(120 * 2**20); del b",
+                                    "small_again": "c = bytearray(20 * 2**20); del c"})
+    assert list(mem) == ["small", "big", "small_again"]
+    assert 100 < mem["big"] < 200 and mem["small"] < 60 and mem["small_again"] < 60, mem
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        bench.peak_memory_series({"x": "1 / 0"})
+
+
+def test_prompt_batching_matches_loop_and_ragged(tiny_bias):
+    with torch.inference_mode():
+        embs = tiny_bias.image_encoder(torch.randn(2, 3, 256, 256))
+        pts = torch.rand(5, 2) * 256
+        m_loop, iou_loop = A.decode_loop(tiny_bias, embs[:1], pts)
+        m_batch, iou_batch = A.decode_batched(tiny_bias, embs[:1], pts)
+        assert m_batch.shape == m_loop.shape == (5, 3, 64, 64)
+        assert torch.allclose(m_loop, m_batch, atol=1e-4) and torch.allclose(iou_loop, iou_batch, atol=1e-5)
+        nested = torch.nested.nested_tensor([pts[:2], pts[2:]], layout=torch.jagged)
+        m_rag, iou_rag = A.decode_ragged(tiny_bias, embs, nested)
+        m_b2, _ = A.decode_batched(tiny_bias, embs[1:], pts[2:])
+    assert m_rag.shape == (5, 3, 64, 64)
+    assert torch.allclose(m_rag[:2], m_loop[:2], atol=1e-4) and torch.allclose(m_rag[2:], m_b2, atol=1e-4)
+    assert torch.allclose(iou_rag[:2], iou_loop[:2], atol=1e-5)
+
+
+def test_bf16_encoder_modes(tiny_bias):
+    x = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        ref = tiny_bias.image_encoder(x)
+        for mode in ("autocast", "weights"):
+            out = A.bf16_encoder(tiny_bias.image_encoder, mode)(x)
+            assert out.dtype == torch.float32 and 0 < A.output_error(out, ref)["rel_err"] < 0.1
+    assert next(tiny_bias.parameters()).dtype == torch.float32, "bf16 weights must be a copy"
+    with pytest.raises(ValueError):
+        A.bf16_encoder(tiny_bias.image_encoder, "fp8")
+    info = A.bf16_support()
+    assert {"avx512_bf16", "amx", "cpu_capability", "native_bf16_instructions"} <= set(info)
+
+
+def test_sdpa_backend_names_a_kernel():
+    blk, x = A.global_block(dim=32, heads=2, grid=8)
+    with torch.inference_mode():
+        for variant in ("fused", "folded", "sdpa"):
+            q, k, v, mask, scale = A.block_qkv(blk, x, variant)
+            name = A.sdpa_backend(q, k, v, mask, scale)
+            assert name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"), name
+
+
+def _cli(*args):
+    p = subprocess.run([sys.executable, "-m", "edgelab.cli", *args], capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_cli_bench_attention_json():
+    rc, out, err = _cli("bench", "encoder", "--model", "tiny", "--weights", "random", "--image-size", "128",
+                        "--attention", "sdpa,fused", "--repeats", "1", "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["reference"] == "reference" and d["weights"] == "random"
+    assert [v["name"] for v in d["variants"]] == ["reference", "sdpa", "fused"]
+    for v in d["variants"]:
+        assert v["median_s"] > 0 and v["peak_mem_mb"] >= 0 and v["image_size"] == 128
+        assert v["rel_err"] < 1e-5 and v["max_abs_err"] < 1e-4
+    assert d["variants"][0]["max_abs_err"] == 0
+
+
+def test_cli_bad_attention_is_one_line():
+    rc, out, err = _cli("bench", "encoder", "--attention", "sdpa,flash", "--json")
+    words = "unknown attention variant 'flash'"
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("edgelab: error:") and words in lines[0], err
