@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import types
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -37,7 +38,7 @@ _SAM_FORWARD = SamAttention.forward  # SAM's own code, kept to restore "referenc
 
 # Largest score tile (MB) the fused variant builds at once: one query chunk x all keys x heads.
 # (The environment variable reaches fresh processes too, e.g. the peak-memory children.)
-FUSED_TILE_MB = float(os.environ.get("EDGELAB_FUSED_TILE_MB", 64))
+FUSED_TILE_MB = float(os.environ.get("EDGELAB_FUSED_TILE_MB", 16))
 
 
 # =============================================================== Attention by hand (exercises)
@@ -230,18 +231,30 @@ def sdpa_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
 
 
 def query_chunk(batch_heads: int, n_keys: int, n_queries: int, tile_mb: float | None = None) -> int:
-    """How many queries fit one score tile of `tile_mb` MB (fp32), at least 1, at most all."""
+    """How many queries of all `batch_heads` fit one fp32 score tile of `tile_mb` MB (>= 1, <= all)."""
     tile_mb = FUSED_TILE_MB if tile_mb is None else tile_mb
-    per_query = batch_heads * n_keys * 4
-    return max(1, min(n_queries, int(tile_mb * 2**20 // per_query)))
+    return max(1, min(n_queries, int(tile_mb * 2**20) // (batch_heads * n_keys * 4)))
+
+
+def fused_tiles(batch: int, heads: int, n: int, tile_mb: float | None = None) -> tuple[int, int]:
+    """(heads per call, queries per call) so that one bias tile, batch x heads x queries x n fp32
+    values, fits `tile_mb` MB (default FUSED_TILE_MB): one head at a time and as many queries as
+    fit; several heads per call only once all n queries of one head fit. At least (1, 1)."""
+    tile_mb = FUSED_TILE_MB if tile_mb is None else tile_mb
+    budget = int(tile_mb * 2**20) // 4
+    per_query = batch * n
+    rows = max(1, min(n, budget // per_query))
+    heads_per_call = max(1, min(heads, budget // (per_query * n))) if rows == n else 1
+    return heads_per_call, rows
 
 
 def fused_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
-    """`fused`: SDPA's fused kernel over query chunks, each with only its own slice of the bias.
+    """`fused`: SDPA's fused kernel on tiles of (heads, queries), each with only its slice of the bias.
 
-    The scores never exist beyond one tile of `FUSED_TILE_MB` MB: peak memory grows linearly
-    with the tokens instead of quadratically. Exact (no approximation): every query still sees
-    every key and its bias.
+    The scores never exist beyond one tile of `FUSED_TILE_MB` MB, built into one reused buffer:
+    peak memory grows linearly with the tokens instead of quadratically, and a tile that stays in
+    the CPU's cache is cheap to write and to read back. Exact (no approximation): every query
+    still sees every key and its bias.
     """
     b, h, w, _ = x.shape
     q, k, v = _split_heads(attn, x)
@@ -249,17 +262,20 @@ def fused_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
     if rel_h is None:
         out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
         return _merge_heads(attn, out, (h, w))
-    n = h * w
-    step = query_chunk(b * attn.num_heads, n, n)
+    n, heads = h * w, attn.num_heads
+    hstep, qstep = fused_tiles(b, heads, n)
     out = torch.empty_like(q)
-    tile = torch.empty(b * attn.num_heads * step * n, dtype=q.dtype, device=q.device)  # reused per chunk
-    for s in range(0, n, step):
-        rows = min(step, n - s)
-        with _scope("rel-pos bias"):
-            mask = tile[:b * attn.num_heads * rows * n].view(b, attn.num_heads, rows, h, w)
-            torch.add(rel_h[:, :, s:s + rows, :, None], rel_w[:, :, s:s + rows, None, :], out=mask)
-        out[:, :, s:s + rows] = F.scaled_dot_product_attention(
-            q[:, :, s:s + rows], k, v, attn_mask=mask.view(b, attn.num_heads, rows, n), scale=attn.scale)
+    tile = torch.empty(b * hstep * qstep * n, dtype=q.dtype, device=q.device)  # reused by every call
+    for h0 in range(0, heads, hstep):
+        hs = slice(h0, min(heads, h0 + hstep))
+        nh = hs.stop - hs.start
+        for s in range(0, n, qstep):
+            rows = min(qstep, n - s)
+            with _scope("rel-pos bias"):
+                mask = tile[:b * nh * rows * n].view(b, nh, rows, h, w)
+                torch.add(rel_h[:, hs, s:s + rows, :, None], rel_w[:, hs, s:s + rows, None, :], out=mask)
+            out[:, hs, s:s + rows] = F.scaled_dot_product_attention(
+                q[:, hs, s:s + rows], k[:, hs], v[:, hs], attn_mask=mask.view(b, nh, rows, n), scale=attn.scale)
     return _merge_heads(attn, out, (h, w))
 
 
@@ -503,13 +519,19 @@ def profile_categories(module: torch.nn.Module, *inputs: torch.Tensor,
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the profiler's start/stop chatter quiet
     for _ in range(warmup):
         module(*inputs)
-    acts = [torch.profiler.ProfilerActivity.CPU]
+    on_gpu = any(torch.is_tensor(t) and t.is_cuda for t in inputs)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
     with category_scopes(module), torch.profiler.profile(activities=acts) as prof:
         out = module(*inputs)
+        if on_gpu:
+            torch.cuda.synchronize()
     seconds = dict.fromkeys(CATEGORIES, 0.0)
     for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CPU:
-            seconds[_event_category(ev)] += ev.self_cpu_time_total / 1e6
+        if ev.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        # on a GPU an op's time is that of the kernels it launched, not its CPU launch time
+        us = (getattr(ev, "self_device_time_total", None) or 0) if on_gpu else ev.self_cpu_time_total
+        seconds[_event_category(ev)] += us / 1e6
     return seconds, out
 
 
@@ -575,7 +597,7 @@ def category_table(columns: Mapping[str, Mapping[str, float]]) -> str:
 # =============================================================== scaling with tokens
 
 def global_block(dim: int = 768, heads: int = 12, grid: int = 64, seed: int = 0,
-                 batch: int = 1) -> tuple[SamAttention, torch.Tensor]:
+                 batch: int = 1, device: str | torch.device = "cpu") -> tuple[SamAttention, torch.Tensor]:
     """One of SAM's global attention blocks on a grid x grid token map, and a random input.
 
     Defaults are vit_b's width and heads; grid = image side / 16 (64 at 1024 px). The
@@ -584,21 +606,28 @@ def global_block(dim: int = 768, heads: int = 12, grid: int = 64, seed: int = 0,
     torch.manual_seed(seed)
     attn = SamAttention(dim, num_heads=heads, qkv_bias=True, use_rel_pos=True, input_size=(grid, grid)).eval()
     randomize_rel_pos(attn, seed=seed)
-    return attn, torch.randn(batch, grid, grid, dim)
+    return attn.to(device), torch.randn(batch, grid, grid, dim).to(device)
 
 
 def block_peak_memory_mb(variants: Sequence[str], grid: int | Sequence[int], dim: int = 768,
-                         heads: int = 12, timeout: float | None = 900) -> dict:
-    """Peak RSS growth (MB) of one forward of a global block per variant, in one fresh process.
+                         heads: int = 12, timeout: float | None = 900,
+                         device: str | torch.device = "cpu") -> dict:
+    """Peak memory growth (MB) of one forward of a global block per variant.
 
-    Section "Scaling with tokens". Uses `bench.peak_memory_series`: the blocks and their inputs
-    are built first (not counted); each forward is then measured from a fresh peak mark.
+    Section "Scaling with tokens". On the CPU: peak RSS, all in one fresh process
+    (`bench.peak_memory_series`): the blocks and their inputs are built first (not counted);
+    each forward is then measured from a fresh peak mark. On a GPU: the CUDA allocator's peak
+    above what was allocated before the forward.
     Returns:
         {variant: MB} for one grid; {(grid, variant): MB} when `grid` is a list of grids.
     """
     from . import bench
 
     grids = [grid] if isinstance(grid, int) else list(grid)
+    if torch.device(device).type == "cuda":
+        mem = {f"{g}:{v}": _cuda_peak_mb(v, g, dim, heads, device) for g in grids for v in variants}
+        return ({v: mem[f"{grid}:{v}"] for v in variants} if isinstance(grid, int)
+                else {(g, v): mem[f"{g}:{v}"] for g in grids for v in variants})
     setup = "import torch\nfrom edgelab import attention\nblocks = {}\n" + "".join(
         f"blocks[{g}] = attention.global_block({dim}, {heads}, {g})\n" for g in grids)
     snippets = {f"{g}:{v}": (f"blk, x = blocks[{g}]\nwith torch.inference_mode():\n"
@@ -610,15 +639,41 @@ def block_peak_memory_mb(variants: Sequence[str], grid: int | Sequence[int], dim
     return {(g, v): mem[f"{g}:{v}"] for g in grids for v in variants}
 
 
-def block_times(variants: Sequence[str], grid: int, dim: int = 768, heads: int = 12,
-                repeats: int = 3) -> dict[str, float]:
-    """Median seconds of one global block's forward per variant, interleaved (section "Scaling")."""
+def _cuda_peak_mb(variant: str, grid: int, dim: int, heads: int, device) -> float:
+    """Peak CUDA memory (MB) of one forward of a global block, above what was allocated before."""
+    blk, x = global_block(dim, heads, grid, device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        set_attention(blk, variant)(x)
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def block_race(variants: Sequence[str], grid: int, dim: int = 768, heads: int = 12,
+               repeats: int = 3, device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
+    """One global block per variant, interleaved: median_s, iqr_s, the median number of minor
+    page faults per call, and the error against the first variant's output (sections
+    "Attention variants" and "Scaling with tokens")."""
     from . import bench
 
-    blk, x = global_block(dim, heads, grid)
-    fns = {v: (lambda v=v: set_attention(blk, v)(x)) for v in variants}
+    blk, x = global_block(dim, heads, grid, device=device)
+    outs: dict[str, torch.Tensor] = {}
+    faults: dict[str, list[int]] = {v: [] for v in variants}
+
+    def run(v):
+        def fn():
+            before = bench.minor_faults()
+            outs[v] = set_attention(blk, v)(x)
+            faults[v].append(bench.minor_faults() - before)
+        return fn
+
     with torch.inference_mode():
-        return {v: t.median_s for v, t in bench.compare(fns, warmup=1, repeats=repeats).items()}
+        t = bench.compare({v: run(v) for v in variants}, warmup=1, repeats=repeats)
+    first = outs[variants[0]]
+    return {v: {"median_s": t[v].median_s, "iqr_s": t[v].iqr_s, "page_faults": int(statistics.median(faults[v])),
+                **output_error(outs[v], first)} for v in variants}
 
 
 def timing_model(name: str, img_size: int | None = None, device: str = "cpu", seed: int = 0):
@@ -764,14 +819,14 @@ def block_qkv(attn: SamAttention, x: torch.Tensor, variant: str):
         qf = torch.cat([q * attn.scale, rel_h, rel_w], -1)
         kf = torch.cat([k, _one_hot_keys((h, w), k).expand(*k.shape[:2], -1, -1)], -1)
         return qf, kf, F.pad(v, (0, qf.shape[-1] - v.shape[-1])), None, 1.0
-    step = query_chunk(b * attn.num_heads, h * w, h * w) if variant == "fused" else h * w
-    mask = expand_bias(rel_h[:, :, :step], rel_w[:, :, :step])
-    return q[:, :, :step], k, v, mask, attn.scale
+    hstep, qstep = fused_tiles(b, attn.num_heads, h * w) if variant == "fused" else (attn.num_heads, h * w)
+    mask = expand_bias(rel_h[:, :hstep, :qstep], rel_w[:, :hstep, :qstep])
+    return q[:, :hstep, :qstep], k[:, :hstep], v[:, :hstep], mask, attn.scale
 
 
-__all__ = ["CATEGORIES", "VARIANTS", "EXACT_VARIANTS", "FUSED_TILE_MB", "naive_attention",
+__all__ = ["CATEGORIES", "VARIANTS", "EXACT_VARIANTS", "FUSED_TILE_MB", "fused_tiles", "query_chunk", "naive_attention",
            "decomposed_rel_pos_bias", "check_naive_attention", "check_rel_pos_bias", "check_fold", "set_attention",
            "use_attention", "attention_of", "attention_modules", "parse_variants", "randomize_rel_pos",
            "output_error", "profile_categories", "flop_categories", "shares", "category_table",
-           "global_block", "block_peak_memory_mb", "block_times", "timing_model", "bf16_support", "gemm_gflops", "bf16_encoder", "decode_loop",
+           "global_block", "block_peak_memory_mb", "block_race", "timing_model", "bf16_support", "gemm_gflops", "bf16_encoder", "decode_loop",
            "decode_batched", "decode_ragged", "sdpa_backend", "block_qkv"]

@@ -325,6 +325,15 @@ def peak_memory_series(snippets: Mapping[str, str], setup: str = "", *,
     return out
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (first touches of fresh memory pages).
+
+    Each one is the kernel mapping and zeroing a 4 KB page; code that allocates large fresh
+    tensors on every call pays for them every call. Difference two readings around a call.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 # ---------------------------------------------------------------- MACs
 
 def count_macs(module: torch.nn.Module, *inputs: Any) -> int:
@@ -416,4 +425,4 @@ def as_table(variants: list[Mapping[str, Any]]) -> str:
 
 
 __all__ = ["WEIGHT_KINDS", "VARIANT_KEYS", "Timing", "machine_info", "time_callable", "compare",
-           "peak_rss_mb", "peak_memory_mb", "peak_memory_series", "count_macs", "bench_record", "save_json", "as_table"]
+           "peak_rss_mb", "peak_memory_mb", "peak_memory_series", "minor_faults", "count_macs", "bench_record", "save_json", "as_table"]

@@ -119,7 +119,9 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
     with torch.inference_mode():
         t = bench.compare({n: runner(n) for n in names}, warmup=1, repeats=args.repeats)
     mem = {}
-    if not args.no_memory:
+    if not args.no_memory and x.is_cuda:
+        mem = {n: _cuda_peak_mb(model, n, x) for n in names}
+    elif not args.no_memory:
         mem = bench.peak_memory_series(
             {n: f"with torch.inference_mode():\n    attention.set_attention(model, {n!r}).image_encoder(x)\n"
              for n in names},
@@ -135,6 +137,19 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
     record = bench.bench_record("reference", kind, rows)
     record["attention"] = {"speedup_vs_reference": {n: t["reference"].median_s / t[n].median_s for n in names}}
     return record
+
+
+def _cuda_peak_mb(model, name: str, x) -> float:
+    """Peak CUDA memory (MB) of one encoder forward with attention `name`, above the baseline."""
+    import torch
+    from . import attention
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.inference_mode(), attention.use_attention(model, name):
+        model.image_encoder(x)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _memory_setup(args, kind: str, size: int) -> str:
@@ -255,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     bp = bsub.add_parser("prune", help="Frobenius-norm channel pruning at several ratios (notebook 02)")
     model_args(bp)
     bp.add_argument("--ratios", default="0.2,0.4,0.6", help="comma-separated pruning ratios")
-    bp.add_argument("--kinds", default="mlp,heads,neck",
+    bp.add_argument("--kinds", default="mlp,head_dim,embed,neck",
                     help="what to prune: mlp, heads, head_dim, embed, neck (comma-separated)")
     bp.add_argument("--finetune-steps", type=int, default=0, help="fine-tuning steps per pruned variant")
     bp.add_argument("--scenes", type=int, default=50, help="eval scenes for mIoU (trained weights)")

@@ -54,7 +54,8 @@ def test_chunked_variants_exact_with_many_chunks(variant, monkeypatch):
     with torch.inference_mode():
         ref = A.set_attention(blk, "reference")(x)
         monkeypatch.setattr(A, "FUSED_TILE_MB", 2 * 2 * 30 * 4 * 7 / 2**20)  # 7 queries per tile
-        assert A.query_chunk(4, 30, 30) == 7
+        assert A.query_chunk(4, 30, 30) == 7               # tiled: 7 queries of all 4 (batch, head) pairs
+        assert A.fused_tiles(2, 2, 30) == (1, 14)         # fused: one head, 14 queries of both images
         out = A.set_attention(blk, variant)(x)
     assert A.output_error(out, ref)["rel_err"] < 1e-5
 

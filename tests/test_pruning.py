@@ -42,6 +42,7 @@ def test_ranking_and_counting_rule():
     assert pruning.rank_channels(w).tolist() == [1, 2, 0]
     assert pruning.keep_indices(w, 0.4).tolist() == [0]  # int(3 * 0.6) = 1 kept
     assert pruning.n_kept(512, 0.4) == 307 and pruning.n_kept(4, 0.4) == 2 and pruning.n_kept(4, 0.9) == 1
+    assert pruning.n_kept(512, 0.4, round_to=8) == 304 and pruning.n_kept(100, 0.0, round_to=8) == 100
     with pytest.raises(ValueError):
         pruning.n_kept(10, 1.0)
 
@@ -100,7 +101,7 @@ def test_pruning_zeroed_mlp_channels_heads_and_head_dims_changes_nothing(tiny):
         mlp.lin1.weight[idx] = 0
         mlp.lin1.bias[idx] = -20  # GELU(-20) = 0
         mlp.lin2.weight[:, idx] = 0
-    m = _zero_and_compare(tiny, pruning.PrunePlan.none(6).with_block(1, "mlp", 0.4), zero_mlp)
+    m = _zero_and_compare(tiny, pruning.PrunePlan.none(6, round_to=1).with_block(1, "mlp", 0.4), zero_mlp)
     assert m.image_encoder.blocks[1].mlp.lin1.out_features == 307
 
     def zero_heads(m):  # heads 0 and 3 of block 2 (a global block): all their q, k, v rows
@@ -108,7 +109,7 @@ def test_pruning_zeroed_mlp_channels_heads_and_head_dims_changes_nothing(tiny):
         rows = attn.qkv.weight.view(3, 4, 32, -1)
         rows[:, [0, 3]] = 0
         attn.qkv.bias.view(3, 4, 32)[:, [0, 3]] = 0
-    m = _zero_and_compare(tiny, pruning.PrunePlan.none(6).with_block(2, "heads", 0.4), zero_heads)
+    m = _zero_and_compare(tiny, pruning.PrunePlan.none(6, round_to=1).with_block(2, "heads", 0.4), zero_heads)
     attn = m.image_encoder.blocks[2].attn
     assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 64 and attn.proj.in_features == 64
     assert attn.rel_pos_h.shape[1] == 32  # whole heads go, the shared rel-pos tables stay
@@ -119,16 +120,17 @@ def test_pruning_zeroed_mlp_channels_heads_and_head_dims_changes_nothing(tiny):
         attn.qkv.bias.view(3, 4, 32)[:, :, 5:18] = 0
         attn.rel_pos_h[:, 5:18] = 0
         attn.rel_pos_w[:, 5:18] = 0
-    m = _zero_and_compare(tiny, pruning.PrunePlan.none(6).with_block(0, "head_dim", 0.4), zero_dims)
+    m = _zero_and_compare(tiny, pruning.PrunePlan.none(6, round_to=1).with_block(0, "head_dim", 0.4), zero_dims)
     attn = m.image_encoder.blocks[0].attn
     assert attn.rel_pos_h.shape == (2 * 8 - 1, 19) and attn.qkv.out_features == 3 * 4 * 19
 
 
 def test_torch_pruning_mlp_matches_the_hand_slicing(tiny):
     block = tiny.image_encoder.blocks[3]
-    keep = pruning.keep_indices(block.mlp.lin1.weight, 0.4)
+    keep = pruning.keep_indices(block.mlp.lin1.weight, 0.4, round_to=8)  # 307 rounded down to 304
     hand1, hand2 = pruning.prune_linear_pair(block.mlp.lin1, block.mlp.lin2, keep)
     model = pruning.pruned_copy(tiny, pruning.PrunePlan.uniform(0.4, 6, ["mlp"]))
+    assert len(keep) == 304
     tp_mlp = model.image_encoder.blocks[3].mlp
     assert torch.equal(tp_mlp.lin1.weight, hand1.weight) and torch.equal(tp_mlp.lin2.weight, hand2.weight)
 
@@ -151,7 +153,7 @@ def test_pruned_sam_runs_in_sam_predictor_with_the_decoder_untouched(tiny, kinds
 
 def test_embedding_width_reaches_every_coupled_layer(tiny):
     model = pruning.pruned_copy(tiny, pruning.PrunePlan.uniform(0.4, 6, ["embed"]))
-    enc, d = model.image_encoder, 76  # int(128 * 0.6)
+    enc, d = model.image_encoder, 72  # int(128 * 0.6) = 76, rounded down to a multiple of 8
     assert enc.patch_embed.proj.out_channels == d and enc.pos_embed.shape[-1] == d
     assert enc.neck[0].in_channels == d and enc.neck[0].out_channels == 128
     for b in enc.blocks:
@@ -177,8 +179,8 @@ def test_vit_b_prunes_at_a_small_input_and_counts_macs_at_1024():
     vit = models.load_sam("vit_b", weights="random", img_size=64)
     model = pruning.pruned_copy(vit, pruning.PrunePlan.uniform(0.4, 12, ["mlp", "heads", "neck"]))
     arch = pruning.architecture(model)
-    assert arch["blocks"][0] == {"heads": 7, "head_dim": 64, "mlp": 1843, "scale": 64 ** -0.5}
-    assert arch["neck"] == 153 and arch["embed"] == 768
+    assert arch["blocks"][0] == {"heads": 7, "head_dim": 64, "mlp": 1840, "scale": 64 ** -0.5}
+    assert arch["neck"] == 152 and arch["embed"] == 768
     assert encode(model).shape == (1, 256, 4, 4)
     full, pruned = pruning.encoder_macs(vit, img_size=1024), pruning.encoder_macs(model, img_size=1024)
     assert 0.4 < pruned / full < 0.75 and full > 400e9
