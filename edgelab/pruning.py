@@ -176,8 +176,8 @@ class PrunePlan:
     channels of every head, the same ones in each head). embed: the embedding width (the residual
     stream through every block, the patch embedding, position embedding and the neck's input).
     neck: the middle channels of the neck (its output feeds the decoder and is never pruned).
-    round_to: the kept widths of MLPs, embedding and neck are rounded down to a multiple of it
-    (heads and head channels are not rounded).
+    round_to: the kept widths of MLPs, embedding and neck are rounded down to a multiple of it,
+    the kept channels per head to a multiple of round_to // 2 (whole heads are not rounded).
     """
 
     mlp: tuple[float, ...]
@@ -267,7 +267,7 @@ def prune_heads(attn: Attention, ratio: float) -> torch.Tensor:
     return keep
 
 
-def prune_head_dims(attn: Attention, ratio: float) -> torch.Tensor:
+def prune_head_dims(attn: Attention, ratio: float, round_to: int = 1) -> torch.Tensor:
     """Remove the same lowest-norm channels from every head of `attn` in place; return the kept ones.
 
     q and k must keep the same channels (their dot product pairs them), and SAM's relative-position
@@ -276,7 +276,7 @@ def prune_head_dims(attn: Attention, ratio: float) -> torch.Tensor:
     """
     norms = head_dim_norms(attn)
     hd = len(norms)
-    keep = torch.sort(torch.argsort(norms, stable=True)[hd - n_kept(hd, ratio):]).values
+    keep = torch.sort(torch.argsort(norms, stable=True)[hd - n_kept(hd, ratio, round_to):]).values
     _slice_attention(attn, torch.arange(attn.num_heads), keep)
     return keep
 
@@ -392,7 +392,7 @@ def prune_encoder(sam: Sam, plan: PrunePlan) -> dict:
         if plan.heads[i] > 0:
             kept["heads"][i] = prune_heads(block.attn, plan.heads[i])
         if plan.head_dim[i] > 0:
-            kept["head_dim"][i] = prune_head_dims(block.attn, plan.head_dim[i])
+            kept["head_dim"][i] = prune_head_dims(block.attn, plan.head_dim[i], max(1, plan.round_to // 2))
     if any(r > 0 for r in plan.mlp) or plan.embed > 0 or plan.neck > 0:
         dg = dependency_graph(enc)
         for i, block in enumerate(enc.blocks):
@@ -604,9 +604,9 @@ def plan_from_scan(rows: list[dict], macs_budget: int, depth: int) -> PrunePlan:
 class FinetuneConfig:
     """Fine-tuning after pruning: SAM's mask losses, optionally plus embedding distillation."""
 
-    steps: int = 40
+    steps: int = 120
     batch_images: int = 4
-    lr: float = 6e-4  # peak of a cosine decay
+    lr: float = 1e-3  # peak of a cosine decay
     weight_decay: float = 0.01
     distill: float = 1.0  # weight of MSE(student embedding, teacher embedding) / teacher variance
     mask: float = 1.0  # weight of SAM's mask losses (0: distillation only, no decoder pass)

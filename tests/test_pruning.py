@@ -278,3 +278,9 @@ def test_bench_prune_bad_input_is_one_clear_line(args, words, capsys):
     err = capsys.readouterr().err
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("edgelab: error:") and words in lines[0], err
+
+
+def test_default_plan_rounds_widths_to_multiples_of_8_and_head_channels_to_4(tiny):
+    arch = pruning.architecture(pruning.pruned_copy(tiny, pruning.PrunePlan.uniform(0.4, 6)))
+    assert arch["blocks"][0]["head_dim"] == 16  # int(32 * 0.6) = 19, rounded down to a multiple of 4
+    assert arch["blocks"][0]["mlp"] == 304 and arch["embed"] == 72 and arch["neck"] == 72
