@@ -163,3 +163,55 @@ def check_prune_conv(fn: Callable[[torch.nn.Conv2d, torch.nn.Conv2d, float], tup
         if not torch.allclose(got2, want2, atol=1e-5):
             _fail(name, "conv2 does not match: its output should equal the original conv2 fed only the kept channels.",
                   "slice conv2.weight[:, keep] (dim 1 is the input channel) and keep its whole bias.")
+
+
+def check_scale_zero_point(fn: Callable[[torch.Tensor, int], tuple]) -> None:
+    """Notebook 03, exercise "Scale and zero point": fn(x, bits) -> (scale, zero_point), asymmetric,
+    per tensor, from x's own range: min maps to -2^(bits-1), max to 2^(bits-1) - 1."""
+    from .quantization import linear_quantize
+    name = "scale and zero point"
+    for x, bits in [(torch.tensor([-1.0, 0.2, 3.0]), 8), (torch.tensor([0.5, 2.0, -0.25, 1.0]), 4),
+                    (torch.linspace(-4.0, 1.0, 11), 8)]:
+        got = _run(name, fn, x.clone(), bits)
+        _not_done(name, got)
+        if not (isinstance(got, tuple) and len(got) == 2):
+            _fail(name, f"returned {type(got).__name__}, expected a tuple (scale, zero_point).",
+                  "return scale, zero_point")
+        want = linear_quantize(x, bits)
+        scale, zero = float(got[0]), float(got[1])
+        if abs(scale - float(want.scale)) > 1e-6 * max(1.0, float(want.scale)):
+            _fail(name, f"for {x.tolist()} at {bits} bits your scale is {scale:.6g}, expected {float(want.scale):.6g}.",
+                  "scale = (max - min) / (qmax - qmin) with qmin = -2**(bits-1), qmax = 2**(bits-1) - 1 "
+                  "(and the range widened to contain 0).")
+        if zero != float(want.zero_point):
+            _fail(name, f"for {x.tolist()} at {bits} bits your zero point is {zero:g}, expected {int(want.zero_point)}.",
+                  "zero_point = round(qmin - min / scale), an integer: the integer that real 0 maps to.")
+
+
+def check_quantize_per_channel(fn: Callable[[torch.Tensor, int], tuple]) -> None:
+    """Notebook 03, exercise "Quantize per channel": fn(w, bits) -> (q, scale), symmetric, one
+    scale per output channel (dim 0); q holds integers in [-(2^(bits-1) - 1), 2^(bits-1) - 1]."""
+    name = "quantize per channel"
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 5, generator=gen) * torch.tensor([0.1, 1.0, 3.0, 0.5, 10.0, 0.01])[:, None]
+    for bits in (8, 4):
+        got = _run(name, fn, w.clone(), bits)
+        _not_done(name, got)
+        if not (isinstance(got, tuple) and len(got) == 2):
+            _fail(name, f"returned {type(got).__name__}, expected a tuple (q, scale).", "return q, scale")
+        q, scale = torch.as_tensor(got[0]), torch.as_tensor(got[1]).float().flatten()
+        qmax = 2 ** (bits - 1) - 1
+        want_scale = w.abs().amax(dim=1) / qmax
+        if scale.numel() != w.shape[0]:
+            _fail(name, f"{scale.numel()} scales for {w.shape[0]} output channels.",
+                  "one scale per row: w.abs().amax(dim=1) / qmax.")
+        if not torch.allclose(scale, want_scale, rtol=1e-5):
+            _fail(name, f"at {bits} bits your scales differ from max|w[c]| / {qmax}.",
+                  "symmetric: scale = max|w[c]| / (2**(bits-1) - 1), zero point 0.")
+        if bits == 8:
+            ref = torch.quantize_per_channel(w, want_scale, torch.zeros(6, dtype=torch.long), 0, torch.qint8).int_repr()
+        else:
+            ref = torch.clamp(torch.round(w / want_scale[:, None]), -qmax, qmax)
+        if q.shape != w.shape or not torch.equal(q.round().int(), ref.int()):
+            _fail(name, f"at {bits} bits your integers differ from torch.quantize_per_channel's.",
+                  "q = clamp(round(w / scale[:, None]), -qmax, qmax): divide each row by its own scale.")

@@ -1,6 +1,6 @@
 """`edgelab <verb>`: drive the workbook without Jupyter (the guide's command-line contract).
 
-Verbs: run, eval, bench encoder, bench prune, train-tiny, report. `--json` prints one JSON object on stdout.
+Verbs: run, eval, bench encoder, bench prune, bench quant, train-tiny, report. `--json` prints one JSON object on stdout.
 Bad input exits 2 with one line on stderr, never a traceback.
 """
 from __future__ import annotations
@@ -204,6 +204,37 @@ def cmd_bench_prune(args) -> dict:
     return record
 
 
+def cmd_bench_quant(args) -> dict:
+    """`bench quant`: FP32 / BF16 / INT8 variants of one model in one run (notebook 03's Table 2)."""
+    from . import attention, bench, models, quantization
+    try:
+        names = quantization.parse_variants(args.variants)
+        att = attention.parse_variants(args.attention)[0] if args.attention else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.repeats < 1 or args.scenes < 1:
+        raise UsageError("--repeats and --scenes must be 1 or more")
+    if args.image_size is not None and args.weights != "random":
+        raise UsageError("--image-size changes the architecture (position embeddings): use it with --weights random")
+    model = _load(args) if args.image_size is None else models.load_sam(
+        args.model, weights="random", device=args.device, img_size=args.image_size)
+    kind = models.weights_label(model)
+    if kind == "random":  # SAM zero-initialises the tables: make the bias path count in the errors
+        attention.randomize_rel_pos(model, seed=0)
+    rows = quantization.quant_table(model, names, n_eval=None if kind == "random" else args.scenes,
+                                    repeats=args.repeats, attention_variant=att, progress=not args.json)
+    ref = "fp32_reference" if any(r["name"] == "fp32_reference" for r in rows) else "fp32"
+    for r in rows:
+        r["image_size"] = model.image_encoder.img_size
+    record = bench.bench_record(ref, kind, rows)
+    base = next(r for r in rows if r["name"] == ref)["median_s"]
+    record["quantization"] = {"attention": att or "reference",
+                              "speedup_vs_" + ref: {r["name"]: base / r["median_s"] for r in rows}}
+    if kind == "random":
+        record["note"] = "random weights: size, latency and error only"
+    return record
+
+
 def cmd_train_tiny(args) -> dict:
     from . import models, training
     cfg = training.TrainConfig(steps=args.steps or training.TrainConfig.steps, seed=args.seed)
@@ -277,6 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--image-size", type=int, help="input side in px (with --weights random)")
     bp.add_argument("--repeats", type=int, default=5)
     bp.set_defaults(fn=cmd_bench_prune)
+
+    bq = bsub.add_parser("quant", help="FP32 / BF16 / INT8 variants in one run (notebook 03)")
+    model_args(bq)
+    bq.add_argument("--variants", default="fp32,bf16,int8_weight_only,w8a8,w8a8_fbgemm",
+                    help="comma-separated: fp32, bf16, int8_weight_only, int4_weight_only, w8a8, "
+                         "w8a8_fbgemm, w8a8_torchao")
+    bq.add_argument("--attention", help="attention variant for every model (chapter 01), e.g. fused; "
+                                        "adds fp32_reference (SAM's own attention) to the run")
+    bq.add_argument("--scenes", type=int, default=50, help="eval scenes for mIoU (trained weights)")
+    bq.add_argument("--image-size", type=int, help="input side in px (with --weights random)")
+    bq.add_argument("--repeats", type=int, default=5)
+    bq.set_defaults(fn=cmd_bench_quant)
 
     t = sub.add_parser("train-tiny", help="reproduce the shipped tiny SAM from its seed")
     t.add_argument("--out", default="runs/train-tiny")
