@@ -74,7 +74,8 @@ def linear_quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = False,
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax).to(torch.int32)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero slice
-    q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
+    # x * (1 / scale), as torch's own kernels compute it: then even the rare ties round alike
+    q = torch.clamp(torch.round(x * (1.0 / scale)) + zero, qmin, qmax)
     dtype = torch.int8 if bits <= 8 else torch.int16
     return QTensor(q.to(dtype), scale, zero, bits, axis)
 

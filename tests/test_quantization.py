@@ -37,6 +37,15 @@ def test_every_bit_width_stays_in_range_and_error_falls(bits):
         assert Q.quantization_error(x, bits) < Q.quantization_error(x, Q.BITS[i - 1])
 
 
+def test_hand_quantizer_matches_torch_on_every_tiny_weight(tiny):
+    for name, p in tiny.named_parameters():
+        if p.dim() == 2:
+            for symmetric in (False, True):
+                for axis in (None, 0):
+                    qt = Q.linear_quantize(p, 8, symmetric, axis)
+                    assert torch.equal(qt.q.int(), Q.torch_quantize(p.detach(), qt).int()), (name, symmetric, axis)
+
+
 def test_asymmetric_range_maps_min_and_max_to_the_ends():
     x = torch.tensor([-1.0, 0.0, 0.5, 3.0])
     qt = Q.linear_quantize(x, 8)
