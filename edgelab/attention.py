@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend
 from torch.utils.flop_counter import flop_registry
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .checks import ExerciseError, _fail, _not_done, _run, check_close
+from .checks import _fail, _not_done, _run, check_close
 
 SamAttention = sam_encoder.Attention
 _SAM_FORWARD = SamAttention.forward  # SAM's own code, kept to restore "reference"
@@ -625,7 +625,9 @@ def block_peak_memory_mb(variants: Sequence[str], grid: int | Sequence[int], dim
 
     grids = [grid] if isinstance(grid, int) else list(grid)
     if torch.device(device).type == "cuda":
-        mem = {f"{g}:{v}": _cuda_peak_mb(v, g, dim, heads, device) for g in grids for v in variants}
+        blocks = {g: global_block(dim, heads, g, device=device) for g in grids}
+        mem = {f"{g}:{v}": bench.cuda_peak_memory_mb(lambda g=g, v=v: set_attention(blocks[g][0], v)(blocks[g][1]), device)
+               for g in grids for v in variants}
         return ({v: mem[f"{grid}:{v}"] for v in variants} if isinstance(grid, int)
                 else {(g, v): mem[f"{g}:{v}"] for g in grids for v in variants})
     setup = "import torch\nfrom edgelab import attention\nblocks = {}\n" + "".join(
@@ -637,18 +639,6 @@ def block_peak_memory_mb(variants: Sequence[str], grid: int | Sequence[int], dim
     if isinstance(grid, int):
         return {v: mem[f"{grid}:{v}"] for v in variants}
     return {(g, v): mem[f"{g}:{v}"] for g in grids for v in variants}
-
-
-def _cuda_peak_mb(variant: str, grid: int, dim: int, heads: int, device) -> float:
-    """Peak CUDA memory (MB) of one forward of a global block, above what was allocated before."""
-    blk, x = global_block(dim, heads, grid, device=device)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    with torch.inference_mode():
-        set_attention(blk, variant)(x)
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def block_race(variants: Sequence[str], grid: int, dim: int = 768, heads: int = 12,

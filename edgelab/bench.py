@@ -325,6 +325,17 @@ def peak_memory_series(snippets: Mapping[str, str], setup: str = "", *,
     return out
 
 
+def cuda_peak_memory_mb(fn: Callable[[], Any], device: str | torch.device | None = None) -> float:
+    """Peak CUDA memory (MB) that one call of `fn` allocates above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
 def minor_faults() -> int:
     """Minor page faults of this process so far (first touches of fresh memory pages).
 
@@ -425,4 +436,4 @@ def as_table(variants: list[Mapping[str, Any]]) -> str:
 
 
 __all__ = ["WEIGHT_KINDS", "VARIANT_KEYS", "Timing", "machine_info", "time_callable", "compare",
-           "peak_rss_mb", "peak_memory_mb", "peak_memory_series", "minor_faults", "count_macs", "bench_record", "save_json", "as_table"]
+           "peak_rss_mb", "peak_memory_mb", "peak_memory_series", "cuda_peak_memory_mb", "minor_faults", "count_macs", "bench_record", "save_json", "as_table"]

@@ -9,7 +9,6 @@ import argparse
 import json
 import sys
 import warnings
-from pathlib import Path
 
 PROG = "edgelab"
 
@@ -21,6 +20,16 @@ class UsageError(Exception):
 def _load(args):
     from . import models  # load_sam itself refuses contradictory weights/checkpoint arguments
     return models.load_sam(args.model, checkpoint=args.checkpoint, weights=args.weights, device=args.device)
+
+
+def _load_sized(args):
+    """`_load`, or with --image-size a random-weights model built for that input size."""
+    if args.image_size is None:
+        return _load(args)
+    if args.weights != "random":
+        raise UsageError("--image-size changes the architecture (position embeddings): use it with --weights random")
+    from . import models
+    return models.load_sam(args.model, weights="random", device=args.device, img_size=args.image_size)
 
 
 def cmd_eval(args) -> dict:
@@ -57,8 +66,6 @@ def cmd_bench_encoder(args) -> dict:
     from . import bench, models
     if args.batch < 1:
         raise UsageError("--batch must be 1 or more")
-    if args.image_size is not None and args.weights != "random":
-        raise UsageError("--image-size changes the architecture (position embeddings): use it with --weights random")
     variants = None
     if args.attention is not None:
         from . import attention
@@ -66,8 +73,7 @@ def cmd_bench_encoder(args) -> dict:
             variants = attention.parse_variants(args.attention)
         except ValueError as e:
             raise UsageError(f"--attention: {e}") from None
-    model = _load(args) if args.image_size is None else models.load_sam(
-        args.model, weights="random", device=args.device, img_size=args.image_size)
+    model = _load_sized(args)
     if variants is not None:
         return _bench_attention(args, model, variants)
     size = model.image_encoder.img_size
@@ -120,7 +126,8 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
         t = bench.compare({n: runner(n) for n in names}, warmup=1, repeats=args.repeats)
     mem = {}
     if not args.no_memory and x.is_cuda:
-        mem = {n: _cuda_peak_mb(model, n, x) for n in names}
+        mem = {n: bench.cuda_peak_memory_mb(lambda n=n: attention.set_attention(model, n).image_encoder(x), x.device)
+               for n in names}
     elif not args.no_memory:
         mem = bench.peak_memory_series(
             {n: f"with torch.inference_mode():\n    attention.set_attention(model, {n!r}).image_encoder(x)\n"
@@ -137,19 +144,6 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
     record = bench.bench_record("reference", kind, rows)
     record["attention"] = {"speedup_vs_reference": {n: t["reference"].median_s / t[n].median_s for n in names}}
     return record
-
-
-def _cuda_peak_mb(model, name: str, x) -> float:
-    """Peak CUDA memory (MB) of one encoder forward with attention `name`, above the baseline."""
-    import torch
-    from . import attention
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    with torch.inference_mode(), attention.use_attention(model, name):
-        model.image_encoder(x)
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _memory_setup(args, kind: str, size: int) -> str:
@@ -186,10 +180,7 @@ def cmd_bench_prune(args) -> dict:
         raise UsageError(f"--kinds must name some of {','.join(pruning.KINDS)}, not {args.kinds!r}")
     if args.finetune_steps < 0 or args.repeats < 1 or (args.scenes is not None and args.scenes < 1):
         raise UsageError("--finetune-steps must be 0 or more, --repeats and --scenes 1 or more")
-    if args.image_size is not None and args.weights != "random":
-        raise UsageError("--image-size changes the architecture (position embeddings): use it with --weights random")
-    model = _load(args) if args.image_size is None else models.load_sam(
-        args.model, weights="random", device=args.device, img_size=args.image_size)
+    model = _load_sized(args)
     kind = models.weights_label(model)
     if kind == "random" and args.finetune_steps:
         raise UsageError("--finetune-steps needs trained weights or a checkpoint (random weights: timing only)")
@@ -214,10 +205,7 @@ def cmd_bench_quant(args) -> dict:
         raise UsageError(str(e)) from None
     if args.repeats < 1 or args.scenes < 1:
         raise UsageError("--repeats and --scenes must be 1 or more")
-    if args.image_size is not None and args.weights != "random":
-        raise UsageError("--image-size changes the architecture (position embeddings): use it with --weights random")
-    model = _load(args) if args.image_size is None else models.load_sam(
-        args.model, weights="random", device=args.device, img_size=args.image_size)
+    model = _load_sized(args)
     kind = models.weights_label(model)
     if kind == "random":  # SAM zero-initialises the tables: make the bias path count in the errors
         attention.randomize_rel_pos(model, seed=0)

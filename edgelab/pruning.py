@@ -19,10 +19,9 @@ widths of MLPs, embedding and neck are then rounded down to a multiple of 8 (Pru
 from __future__ import annotations
 
 import copy
-import json
 import math
 import types
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 

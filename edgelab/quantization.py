@@ -373,22 +373,25 @@ def quantize_static(model: Sam, ranges: Mapping[str, tuple[float, float]]) -> Sa
 
 # =============================================================== size, error, variants
 
+def _packed(name: str, weight: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """One weight as shipped at `bits`: int8, or 8 // bits values per byte, plus per-channel scales."""
+    qt = linear_quantize(weight, bits, symmetric=True, axis=0)
+    per_byte = 8 // bits if bits < 8 else 1
+    if per_byte == 1:
+        return {f"{name}.weight_q": qt.q, f"{name}.weight_scale": qt.scale.flatten()}
+    flat = (qt.q.flatten().to(torch.int16) - qrange(bits)[0]).to(torch.uint8)  # 0 .. 2^bits - 1
+    flat = torch.cat([flat, flat.new_zeros((-len(flat)) % per_byte)]).view(-1, per_byte)
+    packed = sum((flat[:, i] << (bits * i)) for i in range(per_byte)).to(torch.uint8)
+    return {f"{name}.weight_packed": packed, f"{name}.weight_scale": qt.scale.flatten()}
+
+
 def packed_state(model: nn.Module, names: Iterable[str] = (), bits: int = 8) -> dict[str, torch.Tensor]:
     """The state dict as it would ship when the weights of layers `names` are stored at `bits`
     (8: int8; 4 or fewer: packed 8 // bits values per byte) with per-channel fp32 scales.
     Int8Linear / Int8WeightConv layers are already stored as int8."""
     state = dict(model.state_dict())
-    per_byte = 8 // bits if bits < 8 else 1
     for name in names:
-        w = state.pop(f"{name}.weight")
-        qt = linear_quantize(w, bits, symmetric=True, axis=0)
-        if per_byte == 1:
-            state[f"{name}.weight_q"] = qt.q
-        else:
-            flat = (qt.q.flatten().to(torch.int16) - qrange(bits)[0]).to(torch.uint8)  # 0 .. 2^bits - 1
-            flat = torch.cat([flat, flat.new_zeros((-len(flat)) % per_byte)]).view(-1, per_byte)
-            state[f"{name}.weight_packed"] = sum((flat[:, i] << (bits * i)) for i in range(per_byte)).to(torch.uint8)
-        state[f"{name}.weight_scale"] = qt.scale.flatten()
+        state.update(_packed(name, state.pop(f"{name}.weight"), bits))
     return state
 
 
@@ -542,9 +545,7 @@ def mixed_precision(sam: Sam, keep: Iterable[str], low_bits: int = 4, high_bits:
     out = fake_quantize_weights(out, high_bits, PARTS, names=high)
     state = packed_state(out, low, low_bits)
     for n in high:  # the high-precision layers, packed at their own width
-        w = state.pop(f"{n}.weight")
-        state[f"{n}.weight_q"] = linear_quantize(w, high_bits, symmetric=True, axis=0).q
-        state[f"{n}.weight_scale"] = linear_quantize(w, high_bits, symmetric=True, axis=0).scale.flatten()
+        state.update(_packed(n, state.pop(f"{n}.weight"), high_bits))
     return out, size_mb(state)
 
 

@@ -5,6 +5,7 @@ architecture with random weights, images are a few dozen pixels, and scenes are 
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -19,6 +20,12 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing the pack
     sys.path.insert(0, str(ROOT))
 
 from edgelab import models  # noqa: E402
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """`python -m edgelab.cli ARGS` in a fresh process: (exit status, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-m", "edgelab.cli", *args], capture_output=True, text=True, timeout=600)
+    return p.returncode, p.stdout, p.stderr
 
 
 @pytest.fixture(scope="session")

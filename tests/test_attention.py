@@ -4,8 +4,6 @@ Small on purpose (2-core CPU): the tiny architecture, single blocks on small gri
 asserted (GUIDE, "Measuring").
 """
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from segment_anything.modeling import image_encoder as sam_encoder
 
 from edgelab import attention as A
 from edgelab import bench, checks, models
+from conftest import run_cli
 
 FAST = [v for v in A.VARIANTS if v != "compiled"]  # compiling takes minutes on 2 cores
 
@@ -211,13 +210,10 @@ def test_sdpa_backend_names_a_kernel():
             assert name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH", "CUDNN_ATTENTION"), name
 
 
-def _cli(*args):
-    p = subprocess.run([sys.executable, "-m", "edgelab.cli", *args], capture_output=True, text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
 
 
 def test_cli_bench_attention_json():
-    rc, out, err = _cli("bench", "encoder", "--model", "tiny", "--weights", "random", "--image-size", "128",
+    rc, out, err = run_cli("bench", "encoder", "--model", "tiny", "--weights", "random", "--image-size", "128",
                         "--attention", "sdpa,fused", "--repeats", "1", "--json")
     assert rc == 0, err
     d = json.loads(out)
@@ -230,7 +226,7 @@ def test_cli_bench_attention_json():
 
 
 def test_cli_bad_attention_is_one_line():
-    rc, out, err = _cli("bench", "encoder", "--attention", "sdpa,flash", "--json")
+    rc, out, err = run_cli("bench", "encoder", "--attention", "sdpa,flash", "--json")
     words = "unknown attention variant 'flash'"
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("edgelab: error:") and words in lines[0], err

@@ -1,33 +1,29 @@
 """The command-line contract: --json prints one object; bad input is one line on stderr, exit 2."""
 import json
-import subprocess
-import sys
 
 import pytest
 
 from edgelab import cli
+from conftest import run_cli
 
 
-def run(*args):
-    p = subprocess.run([sys.executable, "-m", "edgelab.cli", *args], capture_output=True, text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
 
 
 def test_eval_json_has_miou_and_n_masks():
-    rc, out, err = run("eval", "--model", "tiny", "--scenes", "2", "--json")
+    rc, out, err = run_cli("eval", "--model", "tiny", "--scenes", "2", "--json")
     assert rc == 0, err
     d = json.loads(out)
     assert 0 <= d["miou"] <= 1 and d["n_masks"] > 0 and d["weights"] == "trained"
 
 
 def test_eval_other_seeds_and_box_prompts():
-    rc, out, err = run("eval", "--scenes", "2", "--seed", "424242", "--prompt", "box", "--json")
+    rc, out, err = run_cli("eval", "--scenes", "2", "--seed", "424242", "--prompt", "box", "--json")
     assert rc == 0, err
     assert json.loads(out)["split"].startswith("seeds 424242")
 
 
 def test_bench_encoder_json_contract():
-    rc, out, err = run("bench", "encoder", "--model", "tiny", "--repeats", "1", "--json")
+    rc, out, err = run_cli("bench", "encoder", "--model", "tiny", "--repeats", "1", "--json")
     assert rc == 0, err
     d = json.loads(out)
     assert d["reference"] == "encoder" and d["weights"] == "trained" and "machine" in d
@@ -37,7 +33,7 @@ def test_bench_encoder_json_contract():
 
 
 def test_bench_random_weights_are_labelled_and_resizable():
-    rc, out, err = run("bench", "encoder", "--model", "tiny", "--weights", "random", "--image-size", "512",
+    rc, out, err = run_cli("bench", "encoder", "--model", "tiny", "--weights", "random", "--image-size", "512",
                        "--repeats", "1", "--json")
     assert rc == 0, err
     d = json.loads(out)
@@ -54,7 +50,7 @@ def test_bench_random_weights_are_labelled_and_resizable():
     (["report", "/nonexistent/run"], "not found"),
 ])
 def test_bad_input_is_one_clear_line(args, words):
-    rc, out, err = run(*args)
+    rc, out, err = run_cli(*args)
     assert rc == 2
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("edgelab: error:") and words in lines[0], err
@@ -64,12 +60,12 @@ def test_bad_input_is_one_clear_line(args, words):
 def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
     bad = tmp_path / "sam_vit_b.pth"
     bad.write_bytes(b"\x00garbage" * 100)
-    rc, _, err = run("eval", "--model", "vit_b", "--checkpoint", str(bad))
+    rc, _, err = run_cli("eval", "--model", "vit_b", "--checkpoint", str(bad))
     assert rc == 2 and "not a loadable PyTorch checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
 def test_empty_image_folder_is_one_clear_line(tmp_path):
-    rc, _, err = run("eval", "--images", str(tmp_path), "--reference", "tiny")
+    rc, _, err = run_cli("eval", "--images", str(tmp_path), "--reference", "tiny")
     assert rc == 2 and "no JPEG or PNG image" in err
 
 
@@ -77,7 +73,7 @@ def test_agreement_on_a_folder(tmp_path):
     from PIL import Image
     from edgelab import scenes
     Image.fromarray(scenes.make_scene(1, 200).image).save(tmp_path / "a.png")
-    rc, out, err = run("eval", "--images", str(tmp_path), "--reference", "tiny", "--json")
+    rc, out, err = run_cli("eval", "--images", str(tmp_path), "--reference", "tiny", "--json")
     assert rc == 0, err
     d = json.loads(out)
     assert d["agreement"] == pytest.approx(1.0) and d["n_images"] == 1

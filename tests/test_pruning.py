@@ -4,8 +4,6 @@ Small on purpose (2-core CPU): the tiny architecture with random weights, a few 
 fine-tuning steps; vit_b only at a small input size.
 """
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,6 +11,7 @@ import torch
 from segment_anything import SamPredictor
 
 from edgelab import checks, cli, models, pruning, scenes
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -247,9 +246,6 @@ def test_prune_conv_check_passes_the_library_and_catches_mistakes():
 
 # ---------------------------------------------------------------- command line
 
-def run_cli(*args):
-    p = subprocess.run([sys.executable, "-m", "edgelab.cli", *args], capture_output=True, text=True, timeout=600)
-    return p.returncode, p.stdout, p.stderr
 
 
 def test_bench_prune_json_contract():
