@@ -624,7 +624,7 @@ def finetune(sam: Sam, cfg: FinetuneConfig, teacher: Sam | None = None,
     Only the image encoder is trained: the prompt encoder and mask decoder stay as they were.
     Notebook 02, "20/40/60% and fine-tuning".
     """
-    from . import scenes, training
+    from . import training
     if cfg.distill > 0 and teacher is None:
         raise ValueError("embedding distillation (distill > 0) needs the unpruned model as teacher")
     if cfg.mask <= 0 and cfg.distill <= 0:
@@ -639,15 +639,12 @@ def finetune(sam: Sam, cfg: FinetuneConfig, teacher: Sam | None = None,
     captured: dict[str, torch.Tensor] = {}
     hook = sam.image_encoder.register_forward_hook(lambda m, i, o: captured.update(x=i[0], emb=o))
     history: list[dict] = []
-    cache: tuple[list[int], list] = ([], [])
+    draw = training.SceneBatches(tcfg, offset=cfg.scene_offset)
     sam.train()
     try:
         for step in tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False):
             rng = np.random.default_rng([cfg.seed, step])
-            seeds = [s + cfg.scene_offset for s in training.batch_seeds(step, tcfg)]
-            if seeds != cache[0]:  # each batch of scenes serves tcfg.scene_reuse steps, as in training
-                cache = (seeds, [scenes.make_scene(s) for s in seeds])
-            batch = [training.dihedral(s, int(k)) for s, k in zip(cache[1], rng.integers(8, size=len(seeds)))]
+            batch = draw(step, rng)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
             rec = {"step": step + 1}

@@ -200,6 +200,22 @@ def dihedral(scene: scenes.Scene, k: int) -> scenes.Scene:
     return scenes.Scene(np.ascontiguousarray(image), np.ascontiguousarray(masks), scene.shapes, scene.seed)
 
 
+class SceneBatches:
+    """The training scenes of each step, each under a random flip or rotation drawn from the
+    step's rng; one batch of scenes serves `cfg.scene_reuse` steps. `offset` shifts the seeds
+    (fine-tuning in chapter 02 draws from another range than training)."""
+
+    def __init__(self, cfg: TrainConfig, offset: int = 0):
+        self.cfg, self.offset = cfg, offset
+        self._cache: tuple[list[int], list[scenes.Scene]] = ([], [])
+
+    def __call__(self, step: int, rng: np.random.Generator) -> list[scenes.Scene]:
+        seeds = [s + self.offset for s in batch_seeds(step, self.cfg)]
+        if seeds != self._cache[0]:
+            self._cache = (seeds, [scenes.make_scene(s) for s in seeds])
+        return [dihedral(s, int(k)) for s, k in zip(self._cache[1], rng.integers(8, size=len(seeds)))]
+
+
 def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: str = "cpu",
                resume: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
     """Train `tiny` from scratch into run_dir (checkpoints, log.jsonl, final weights); resumable.
@@ -226,13 +242,10 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
     t0 = time.time()
     end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
     bar = tqdm(range(start, end), initial=start, total=end, desc="train tiny", disable=not progress)
-    cache: tuple[list[int], list[scenes.Scene]] = ([], [])
+    draw = SceneBatches(cfg)
     for step in bar:
         rng = np.random.default_rng([cfg.seed, step])
-        seeds = batch_seeds(step, cfg)
-        if seeds != cache[0]:
-            cache = (seeds, [scenes.make_scene(s) for s in seeds])
-        batch = [dihedral(s, int(k)) for s, k in zip(cache[1], rng.integers(8, size=len(seeds)))]
+        batch = draw(step, rng)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         out = train_step(sam, batch, cfg, rng)
