@@ -215,3 +215,63 @@ def check_quantize_per_channel(fn: Callable[[torch.Tensor, int], tuple]) -> None
         if q.shape != w.shape or not torch.equal(q.round().int(), ref.int()):
             _fail(name, f"at {bits} bits your integers differ from torch.quantize_per_channel's.",
                   "q = clamp(round(w / scale[:, None]), -qmax, qmax): divide each row by its own scale.")
+
+
+def check_huber_loss(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> None:
+    """Notebook 04, exercise "The Huber loss": fn(student, teacher, delta) -> mean Huber loss,
+    0.5 e^2 where |e| <= delta and delta (|e| - 0.5 delta) elsewhere, e = student - teacher."""
+    name = "Huber loss"
+    gen = torch.Generator().manual_seed(4)
+    s, t = torch.randn(2, 8, 4, 4, generator=gen) * 2, torch.randn(2, 8, 4, 4, generator=gen)
+    for delta in (1.0, 0.25, 5.0):
+        got = _run(name, fn, s.clone(), t.clone(), delta)
+        _not_done(name, got)
+        got = torch.as_tensor(got)
+        if got.numel() != 1:
+            _fail(name, f"returned {tuple(got.shape)} values, expected one number (the mean over every element).",
+                  "finish with .mean().")
+        want = torch.nn.functional.huber_loss(s, t, delta=delta)
+        if not torch.allclose(got.float().reshape(()), want, rtol=1e-5, atol=1e-7):
+            small = torch.nn.functional.mse_loss(s, t) / 2
+            hint = ("for |e| <= delta use 0.5 * e**2; beyond it delta * (|e| - 0.5 * delta): the two pieces "
+                    "meet with the same value and slope at |e| = delta.")
+            if torch.allclose(got.float().reshape(()), small, rtol=1e-5):
+                hint = "that is half the MSE everywhere: large errors must grow linearly, not quadratically. " + hint
+            _fail(name, f"with delta={delta} your loss is {float(got):.6g}, expected {float(want):.6g}.", hint)
+
+
+def check_wire_student(fn: Callable) -> None:
+    """Notebook 04, exercise "Wire the student in": fn(teacher, encoder) -> a Sam whose image
+    encoder is `encoder` and whose prompt encoder and mask decoder are the teacher's, frozen."""
+    from segment_anything import SamPredictor
+    from segment_anything.modeling import Sam
+    from .distillation import StudentEncoder
+    from .models import CONFIGS, build_sam
+    name = "wire the student in"
+    torch.manual_seed(0)
+    teacher = build_sam(CONFIGS["tiny"])
+    enc = StudentEncoder("resnet18", img_size=256, grid=16, out_chans=128).eval()
+    sam = _run(name, fn, teacher, enc)
+    _not_done(name, sam)
+    if not isinstance(sam, Sam):
+        _fail(name, f"returned {type(sam).__name__}, expected segment_anything's Sam.",
+              "build Sam(image_encoder=..., prompt_encoder=..., mask_decoder=..., pixel_mean=..., pixel_std=...).")
+    if sam.image_encoder is not enc:
+        _fail(name, "the image encoder is not the student you were given.", "pass image_encoder=encoder.")
+    if sam.prompt_encoder is not teacher.prompt_encoder or sam.mask_decoder is not teacher.mask_decoder:
+        _fail(name, "the prompt encoder or mask decoder is not the teacher's own.",
+              "reuse teacher.prompt_encoder and teacher.mask_decoder (the same objects, not new ones).")
+    trainable = [n for n, p in list(sam.prompt_encoder.named_parameters()) + list(sam.mask_decoder.named_parameters())
+                 if p.requires_grad]
+    if trainable:
+        _fail(name, f"{len(trainable)} decoder parameters would still be trained (e.g. {trainable[0]}).",
+              "freeze them: p.requires_grad_(False) for every parameter of the prompt encoder and mask decoder.")
+    if not (torch.equal(sam.pixel_mean, teacher.pixel_mean) and torch.equal(sam.pixel_std, teacher.pixel_std)):
+        _fail(name, "the pixel normalisation differs from the teacher's.",
+              "pass the teacher's pixel_mean and pixel_std (as lists: teacher.pixel_mean.flatten().tolist()).")
+    predictor = SamPredictor(sam.eval())
+    predictor.set_image(np.zeros((64, 80, 3), np.uint8))
+    masks, _, _ = predictor.predict(point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1]))
+    if masks.shape != (3, 64, 80):
+        _fail(name, f"SamPredictor gave masks of shape {masks.shape}, expected (3, 64, 80).",
+              "the student must keep the teacher's img_size so SamPredictor resizes the image the same way.")

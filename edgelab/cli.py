@@ -223,6 +223,35 @@ def cmd_bench_quant(args) -> dict:
     return record
 
 
+def cmd_bench_distill(args) -> dict:
+    """`bench distill`: the teacher and each shipped student (notebook 04's students table)."""
+    from . import bench, distillation, models
+    if args.repeats < 1 or args.scenes < 1:
+        raise UsageError("--repeats and --scenes must be 1 or more")
+    teacher = models.load_sam("tiny", device=args.device)
+    students = {}
+    for path in args.student or [distillation.SHIPPED]:
+        sam = (distillation.load_shipped_student(teacher) if path == distillation.SHIPPED
+               else distillation.load_student(path, teacher))
+        name = sam.edgelab.name
+        students[name] = sam
+        students[name + " deployable"] = distillation.deployable(sam)
+    rows = distillation.students_table(teacher, students, n_eval=args.scenes, repeats=args.repeats,
+                                       progress=not args.json)
+    keep = ("name", "params", "macs", "median_s", "miou", "agreement")
+    record = bench.bench_record("teacher", "trained", [{k: r[k] for k in keep} for r in rows])
+    record["distill"] = {"speedup_vs_teacher": {r["name"]: r["speedup"] for r in rows},
+                         "miou_vs_teacher": {r["name"]: r["miou"] / rows[0]["miou"] for r in rows},
+                         "eval_scenes": args.scenes, "image_size": teacher.image_encoder.img_size}
+    return record
+
+
+def cmd_distill(args) -> dict:
+    """`distill`: train one student (the same code torchrun runs, see edgelab.distillation)."""
+    from . import distillation
+    return distillation.run(args)
+
+
 def cmd_train_tiny(args) -> dict:
     from . import models, training
     cfg = training.TrainConfig(steps=args.steps or training.TrainConfig.steps, seed=args.seed)
@@ -308,6 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--image-size", type=int, help="input side in px (with --weights random)")
     bq.add_argument("--repeats", type=int, default=5)
     bq.set_defaults(fn=cmd_bench_quant)
+
+    bd = bsub.add_parser("distill", help="the tiny teacher and each shipped student (notebook 04)")
+    bd.add_argument("--student", action="append", metavar="PATH",
+                    help="a student saved by `edgelab distill` (repeatable; default: the shipped one)")
+    bd.add_argument("--scenes", type=int, default=50, help="eval scenes for mIoU and agreement")
+    bd.add_argument("--repeats", type=int, default=30)
+    bd.add_argument("--device", default="cpu")
+    bd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    bd.set_defaults(fn=cmd_bench_distill)
+
+    from .distillation import add_arguments
+    d = sub.add_parser("distill", help="distil tiny's image encoder into a student (notebook 04)")
+    add_arguments(d)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=cmd_distill)
 
     t = sub.add_parser("train-tiny", help="reproduce the shipped tiny SAM from its seed")
     t.add_argument("--out", default="runs/train-tiny")

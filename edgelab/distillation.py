@@ -1,0 +1,552 @@
+"""Decoupled distillation of SAM's image encoder into small CNN students (chapter 04).
+
+Taught in notebook 04. MobileSAM's recipe, as the thesis slides (seed 002) apply it: the
+teacher's image encoder turns an image into an embedding; a student encoder learns to produce
+the same embedding (Huber loss by default, MSE or L1 as options); the teacher's prompt encoder
+and mask decoder are reused frozen, so the student drops into `SamPredictor` unchanged.
+
+Students (`STUDENTS`), all from random initialisation (nothing can be downloaded here):
+  - resnet18:       ResNet-18's stem and first three stages (torchvision's BasicBlock), width-scaled;
+  - mobilenet_v3:   torchvision's MobileNetV3-Large, its first stages up to stride 8;
+  - efficientvit_b0: timm's EfficientViT-B0, its first stages up to stride 8.
+Each reads the image at half the teacher's side (a 2x2 average: the pixels a CNN needs to
+find 16x16 tokens' worth of edges) and ends in a neck that maps its channels to the teacher's
+embedding (a 1x1 convolution and LayerNorm2d, the first half of SAM's own neck).
+
+The same training runs under `torchrun` with DistributedDataParallel (section "More than one
+machine"): `torchrun --nproc-per-node 2 -m edgelab.distillation --out runs/distill`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from segment_anything.modeling.common import LayerNorm2d
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import bench, evaluate, models, scenes
+
+LOSSES = ("huber", "mse", "l1")
+DATA_DIR = models.DATA_DIR
+SCENE_OFFSET = 6_000_000  # distillation scenes: away from tiny's training seeds and the eval split
+
+
+# ---------------------------------------------------------------- students
+
+def resnet18_trunk(width: int = 16) -> tuple[nn.Module, int, int]:
+    """ResNet-18's stem and stages 1-3 (two BasicBlocks each), channels width, 2w, 4w.
+
+    The stem is ResNet's own (7x7 stride-2 convolution, 3x3 stride-2 max-pool); stage 3 keeps
+    stride 1 instead of 2 (the segmentation networks' "output stride 8"), so a half-size image
+    lands on the teacher's 16x16 grid. Returns (trunk, output channels, stride).
+    """
+    from torchvision.models.resnet import BasicBlock
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
+                               nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+    cin = width
+    for i, stride in enumerate((1, 2, 1)):
+        c = width * 2 ** i
+        down = None if (stride == 1 and cin == c) else nn.Sequential(
+            nn.Conv2d(cin, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+        layers += [BasicBlock(cin, c, stride, down), BasicBlock(c, c)]
+        cin = c
+    return nn.Sequential(*layers), cin, 8
+
+
+def mobilenet_v3_trunk(width_mult: float = 1.0) -> tuple[nn.Module, int, int]:
+    """torchvision's MobileNetV3-Large up to its last stride-8 block (features[:7])."""
+    from torchvision.models import mobilenet_v3_large
+    feats = mobilenet_v3_large(width_mult=width_mult).features[:7]
+    return feats, feats[-1].out_channels, 8
+
+
+class _TimmStage(nn.Module):
+    """timm's features_only wrapper returns a list: keep its last map."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[-1]
+
+
+def efficientvit_trunk(name: str = "efficientvit_b0") -> tuple[nn.Module, int, int]:
+    """timm's EfficientViT-B0 (MIT's, with ReLU linear attention) up to stride 8."""
+    import timm
+    m = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1,))
+    return _TimmStage(m), m.feature_info.channels()[-1], m.feature_info.reduction()[-1]
+
+
+STUDENTS: dict[str, Callable[[], tuple[nn.Module, int, int]]] = {
+    "resnet18": resnet18_trunk,
+    "mobilenet_v3": mobilenet_v3_trunk,
+    "efficientvit_b0": efficientvit_trunk,
+}
+
+
+class StudentEncoder(nn.Module):
+    """A CNN trunk and a neck standing in for SAM's ImageEncoderViT (section "Students").
+
+    Takes the same normalised, padded (img_size x img_size) input as the teacher's encoder and
+    returns an embedding of the same shape: (B, out_chans, grid, grid).
+    """
+
+    def __init__(self, kind: str, img_size: int = 256, grid: int = 16, out_chans: int = 128,
+                 input_size: int = 128):
+        super().__init__()
+        if kind not in STUDENTS:
+            raise ValueError(f"unknown student {kind!r}; choose from {', '.join(STUDENTS)}")
+        if img_size % input_size:
+            raise ValueError(f"input_size {input_size} must divide img_size {img_size}")
+        self.kind, self.img_size, self.grid, self.input_size = kind, img_size, grid, input_size
+        self.trunk, chans, self.stride = STUDENTS[kind]()
+        for m in self.trunk.modules():  # torchvision's MobileNets keep 0.01: too slow for short runs
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.1
+        self.neck = nn.Sequential(nn.Conv2d(chans, out_chans, 1, bias=False), LayerNorm2d(out_chans))
+
+    channels_last = False  # set by `deployable`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.input_size:  # at a factor of 2 this is exactly a 2x2 average
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        f = self.trunk(x)
+        if f.shape[-1] != self.grid:
+            f = F.interpolate(f, size=(self.grid, self.grid), mode="bilinear", align_corners=False)
+        return self.neck(f).contiguous()
+
+
+def deployable(sam: Sam) -> Sam:
+    """The student as it would ship (section "Making the student fast"): every BatchNorm folded
+    into the convolution before it (torch.fx's `fuse`) and channels-last memory, which lets
+    oneDNN skip a layout conversion per convolution. Same outputs up to float rounding."""
+    from torch.fx.experimental.optimization import fuse
+    enc = copy.deepcopy(sam.image_encoder).eval()
+    try:
+        enc.trunk = fuse(enc.trunk)
+    except Exception:  # noqa: BLE001 - a trunk torch.fx cannot trace keeps its BatchNorms
+        pass
+    enc = enc.to(memory_format=torch.channels_last)
+    enc.channels_last = True
+    out = student_sam(sam, enc)
+    out.edgelab = models.LoadedSam(sam.edgelab.name + " (deployable)", "trained", "distilled")
+    return out
+
+
+def student_sam(teacher: Sam, encoder: nn.Module) -> Sam:
+    """A SAM whose image encoder is `encoder` and whose prompt encoder and mask decoder are the
+    teacher's, frozen and shared (section "Wiring the student in")."""
+    for p in list(teacher.prompt_encoder.parameters()) + list(teacher.mask_decoder.parameters()):
+        p.requires_grad_(False)
+    sam = Sam(image_encoder=encoder, prompt_encoder=teacher.prompt_encoder,
+              mask_decoder=teacher.mask_decoder, pixel_mean=teacher.pixel_mean.flatten().tolist(),
+              pixel_std=teacher.pixel_std.flatten().tolist())
+    sam.edgelab = models.LoadedSam(f"student:{getattr(encoder, 'kind', type(encoder).__name__)}",
+                                   "trained", "distilled")
+    return sam.to(teacher.device).eval()
+
+
+def make_student(teacher: Sam, kind: str, seed: int = 0) -> Sam:
+    """A fresh (randomly initialised) student of family `kind` wired to `teacher`'s decoder."""
+    enc = teacher.image_encoder
+    grid = enc.img_size // enc.patch_embed.proj.stride[0] if hasattr(enc, "patch_embed") else enc.grid
+    torch.manual_seed(seed)
+    student = StudentEncoder(kind, img_size=enc.img_size, grid=grid,
+                             out_chans=teacher.prompt_encoder.embed_dim)
+    return student_sam(teacher, student.to(teacher.device))
+
+
+# ---------------------------------------------------------------- the loss
+
+def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "huber",
+                   delta: float = 1.0) -> torch.Tensor:
+    """Distance between two embeddings, averaged over every element (section "The loss").
+
+    huber: 0.5 e^2 where |e| <= delta, else delta (|e| - 0.5 delta), with e = student - teacher
+    (quadratic near the target, linear for outliers); mse: e^2; l1: |e|.
+    """
+    if kind == "huber":
+        return F.huber_loss(student, teacher, delta=delta)
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    if kind == "l1":
+        return F.l1_loss(student, teacher)
+    raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
+
+
+# ---------------------------------------------------------------- training
+
+@dataclass
+class DistillConfig:
+    """Everything that fixes a distillation run (quick profile by default)."""
+
+    student: str = "resnet18"
+    steps: int = 400
+    batch_images: int = 16
+    lr: float = 3e-3  # peak of a cosine decay after warm-up
+    weight_decay: float = 1e-4
+    warmup: int = 20
+    loss: str = "huber"
+    delta: float = 1.0  # Huber's switch from quadratic to linear
+    seed: int = 0
+    pool_scenes: int = 768  # training scenes embedded once by the teacher
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_scenes: int = 20
+    checkpoint_every: int = 100
+    threads: int = 0  # 0: torch's default
+
+    def check(self) -> None:
+        """Raise ValueError for a parameter out of range."""
+        if self.student not in STUDENTS:
+            raise ValueError(f"unknown student {self.student!r}; choose from {', '.join(STUDENTS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if self.steps < 1 or self.batch_images < 1 or self.pool_scenes < self.batch_images:
+            raise ValueError("steps and batch_images must be 1 or more, pool_scenes at least batch_images")
+        if not (self.lr > 0 and self.delta > 0):
+            raise ValueError("lr and delta must be positive")
+
+
+def _lr_at(step: int, cfg: DistillConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@dataclass
+class EmbeddingPool:
+    """Training scenes and the teacher's embedding of each, computed once (section "Decoupled").
+
+    Decoupling is what makes distillation cheap: the teacher runs once per scene, not once per
+    step, and a step costs only the student's forward and backward pass.
+    """
+
+    images: torch.Tensor  # (N, 3, S, S) uint8, the teacher's input size
+    targets: torch.Tensor  # (N, C, g, g) float16 teacher embeddings
+    seeds: list[int] = field(repr=False)
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def batch(self, idx: torch.Tensor, sam: Sam) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images and float32 targets of the scenes at `idx`."""
+        x = (self.images[idx].float().to(sam.device) - sam.pixel_mean) / sam.pixel_std
+        return x, self.targets[idx].float().to(sam.device)
+
+
+def normalised(images: list[np.ndarray] | torch.Tensor, sam: Sam) -> torch.Tensor:
+    """HxWx3 uint8 images (or an (N,3,H,W) uint8 tensor) -> SAM's normalised input batch."""
+    if not torch.is_tensor(images):
+        images = torch.stack([torch.from_numpy(np.ascontiguousarray(i)) for i in images]).permute(0, 3, 1, 2)
+    return (images.float().to(sam.device) - sam.pixel_mean) / sam.pixel_std
+
+
+def build_pool(teacher: Sam, n: int, offset: int = SCENE_OFFSET, chunk: int = 32,
+               progress: bool = True) -> EmbeddingPool:
+    """Draw `n` training scenes (seeds offset, offset+1, ...) and the teacher's embedding of each."""
+    if n < 1:
+        raise ValueError(f"the pool needs at least one scene, not {n}")
+    seeds = list(range(offset, offset + n))
+    images, targets = [], []
+    with torch.inference_mode():
+        for i in tqdm(range(0, n, chunk), desc="teacher embeddings", disable=not progress, leave=False):
+            imgs = torch.stack([torch.from_numpy(scenes.make_scene(s).image) for s in seeds[i:i + chunk]])
+            imgs = imgs.permute(0, 3, 1, 2).contiguous()
+            images.append(imgs)
+            targets.append(teacher.image_encoder(normalised(imgs, teacher)).half().cpu())
+    return EmbeddingPool(torch.cat(images), torch.cat(targets), seeds)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers, in order: equal digests, equal weights."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _advance(perm: torch.Tensor, pos: int, batch: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Move through a shuffled epoch of the pool; draw a new order when fewer than `batch` remain."""
+    pos += batch
+    if pos + batch > n:
+        return torch.randperm(n, generator=gen), 0
+    return perm, pos
+
+
+def train_student(teacher: Sam, run_dir: str | Path, cfg: DistillConfig = DistillConfig(),
+                  pool: EmbeddingPool | None = None, resume: bool = True, progress: bool = True) -> Sam:
+    """Distil `teacher`'s image encoder into a new student (section "Training the student").
+
+    Writes to run_dir: config.json, log.jsonl (step, loss, lr, elapsed_s; mIoU at evaluations),
+    checkpoint.pt (student, optimizer, step; resumed when present) and student.pt (the final
+    encoder weights with its family). Under torchrun, each rank draws its own scenes and
+    DistributedDataParallel averages the gradients; rank 0 writes the files.
+    Returns the student wired to the teacher's frozen prompt encoder and mask decoder.
+    """
+    cfg.check()
+    rank, world = _rank_world()
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    teacher = teacher.eval()
+    sam = make_student(teacher, cfg.student, seed=cfg.seed)
+    student = sam.image_encoder.train()
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, ckpt = 0, run / "checkpoint.pt"
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=teacher.device, weights_only=True)
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    model = student
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(student)
+    if rank == 0:
+        (run / "config.json").write_text(json.dumps({**asdict(cfg), "world_size": world}, indent=1))
+        log = open(run / "log.jsonl", "a")
+    if pool is None:  # under torchrun each rank embeds its own share of the scenes
+        share = math.ceil(cfg.pool_scenes / world)
+        pool = build_pool(teacher, share, SCENE_OFFSET + rank * share, progress=progress and rank == 0)
+    order = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    perm, pos = torch.randperm(len(pool), generator=order), 0
+    for _ in range(start):  # resume: replay the draws of the steps already done
+        perm, pos = _advance(perm, pos, cfg.batch_images, len(pool), order)
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"distil {cfg.student}",
+               disable=not progress or rank != 0)
+    for step in bar:
+        idx = perm[pos:pos + cfg.batch_images]
+        perm, pos = _advance(perm, pos, cfg.batch_images, len(pool), order)
+        x, target = pool.batch(idx, teacher)
+        loss = embedding_loss(model(x), target, cfg.loss, cfg.delta)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if rank != 0:
+            continue
+        rec = {"step": step + 1, "loss": round(float(loss.detach()), 6), "lr": _lr_at(step, cfg),
+               "elapsed_s": round(time.time() - t0, 1)}
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        last = step + 1 == cfg.steps
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+            student.eval()
+            rec["miou_point"] = evaluate.evaluate_scenes(sam, cfg.eval_scenes, "point", progress=False).miou
+            student.train()
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        if (step + 1) % cfg.checkpoint_every == 0 or last:
+            torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt)
+    student.eval()
+    if world > 1:  # DDP keeps parameters equal; BatchNorm statistics of the last step are rank 0's
+        for b in student.buffers():
+            dist.broadcast(b, 0)
+    if rank == 0:
+        log.close()
+        save_student(sam, run / "student.pt", cfg=cfg)
+    return sam
+
+
+# ---------------------------------------------------------------- saving and loading
+
+def save_student(sam: Sam, path: str | Path, cfg: DistillConfig | None = None) -> Path:
+    """Write the student encoder's weights with its family and sizes (weights_only loadable)."""
+    enc = sam.image_encoder
+    meta = {"kind": enc.kind, "img_size": enc.img_size, "grid": enc.grid, "input_size": enc.input_size,
+            "out_chans": enc.neck[0].out_channels, "config": asdict(cfg) if cfg else None}
+    path = Path(path)
+    torch.save({"student": json.dumps(meta), "model": enc.state_dict()}, path)
+    return path
+
+
+def load_student(path: str | Path, teacher: Sam) -> Sam:
+    """Rebuild a saved student and wire it to `teacher`'s decoder; clear errors for bad files."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise models.CheckpointError(f"student checkpoint not found: {p}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise models.CheckpointError(f"{p} is not a loadable PyTorch checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "student" not in state or "model" not in state:
+        raise models.CheckpointError(f"{p} is not a student saved by edgelab (no 'student' entry)")
+    meta = json.loads(state["student"])
+    if meta["out_chans"] != teacher.prompt_encoder.embed_dim:
+        raise models.CheckpointError(f"{p} is a student for a {meta['out_chans']}-channel embedding, "
+                                     f"but this teacher's decoder takes {teacher.prompt_encoder.embed_dim}")
+    enc = StudentEncoder(meta["kind"], meta["img_size"], meta["grid"], meta["out_chans"], meta["input_size"])
+    try:
+        enc.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise models.CheckpointError(f"{p}: weights do not fit a {meta['kind']} student "
+                                     f"({str(e).splitlines()[0][:120]})") from None
+    return student_sam(teacher, enc.to(teacher.device))
+
+
+SHIPPED = DATA_DIR / "sam_tiny_student.pt"
+SHIPPED_SHA256 = DATA_DIR / "sam_tiny_student.sha256"
+
+
+def load_shipped_student(teacher: Sam) -> Sam:
+    """The student shipped in data/ (trained with the full recipe), its sha256 verified first."""
+    if not SHIPPED.is_file():
+        raise models.CheckpointError(f"no shipped student at {SHIPPED}: run `edgelab distill --profile full`")
+    want = SHIPPED_SHA256.read_text().split()[0] if SHIPPED_SHA256.is_file() else None
+    if want and models.sha256_of(SHIPPED) != want:
+        raise models.CheckpointError(f"{SHIPPED} does not match its sha256 in {SHIPPED_SHA256.name}: "
+                                     "a damaged or replaced file")
+    return load_student(SHIPPED, teacher)
+
+
+# ---------------------------------------------------------------- the students table
+
+def encoder_macs(sam: Sam) -> int:
+    """MACs of one image through the image encoder (torch.utils.flop_counter)."""
+    size = sam.image_encoder.img_size
+    return bench.count_macs(sam.image_encoder, torch.zeros(1, 3, size, size, device=sam.device))
+
+
+def eval_images(n: int) -> list[np.ndarray]:
+    """The first `n` images of the fixed eval split."""
+    ds = scenes.SceneDataset("eval", n)
+    return [ds.scene(i).image for i in range(len(ds))]
+
+
+def students_table(teacher: Sam, students: dict[str, Sam], n_eval: int = 20, repeats: int = 30,
+                   progress: bool = True) -> list[dict]:
+    """The slides' table on our models (section "The students table"): one row per model with
+    params, MACs, encoder latency (batch 1, all timed interleaved in one run), speed-up over the
+    teacher, point mIoU against the ground truth and agreement (mIoU) with the teacher's masks."""
+    everyone = {"teacher": teacher, **students}
+    x = torch.randn(1, 3, teacher.image_encoder.img_size, teacher.image_encoder.img_size, device=teacher.device)
+    with torch.inference_mode():
+        times = bench.compare({k: (lambda m=m: m.image_encoder(x)) for k, m in everyone.items()},
+                              warmup=3, repeats=repeats)
+    images = eval_images(n_eval)
+    rows = []
+    for name, sam in tqdm(everyone.items(), desc="students table", disable=not progress, leave=False):
+        row = {"name": name, "params": models.count_params(sam.image_encoder), "macs": encoder_macs(sam),
+               "median_s": times[name].median_s, "iqr_s": times[name].iqr_s,
+               "speedup": times["teacher"].median_s / times[name].median_s,
+               "miou": evaluate.evaluate_scenes(sam, n_eval, "point", progress=False).miou}
+        row["agreement"] = 1.0 if sam is teacher else evaluate.agreement(sam, teacher, images, progress=False).miou
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- the script (torchrun)
+
+PROFILES = {"quick": {"steps": 600, "pool_scenes": 768},
+            "full": {"steps": 8000, "pool_scenes": 4096}}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `edgelab distill` and of `torchrun -m edgelab.distillation` (the same)."""
+    p.add_argument("--out", default="runs/distill", help="run folder (checkpoints, log, student.pt)")
+    p.add_argument("--student", default=DistillConfig.student, choices=list(STUDENTS))
+    p.add_argument("--profile", choices=list(PROFILES), default="quick")
+    p.add_argument("--steps", type=int, help="override the profile's steps")
+    p.add_argument("--pool-scenes", type=int, help="override the profile's scene pool")
+    p.add_argument("--batch-images", type=int, default=DistillConfig.batch_images)
+    p.add_argument("--lr", type=float, default=DistillConfig.lr)
+    p.add_argument("--loss", choices=LOSSES, default=DistillConfig.loss)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-scenes", type=int, default=DistillConfig.eval_scenes)
+    p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(
+        prog="python -m edgelab.distillation",
+        description="Distil tiny SAM's image encoder into a student; runs under torchrun."))
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    prof = PROFILES[args.profile]
+    pick = lambda value, key: prof[key] if value is None else value  # noqa: E731
+    cfg = DistillConfig(student=args.student, steps=pick(args.steps, "steps"),
+                        pool_scenes=pick(args.pool_scenes, "pool_scenes"), batch_images=args.batch_images,
+                        lr=args.lr, loss=args.loss, seed=args.seed, eval_scenes=args.eval_scenes)
+    cfg.check()
+    return cfg
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train one student as `args` say, alone or as one rank of a torchrun job; rank 0 returns
+    (and writes to ranks.json) every rank's weights digest, so a run can prove they agree."""
+    cfg = config_from_args(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = "cpu"
+    if world > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    elif torch.cuda.is_available():
+        device = "cuda"
+    rank, world = _rank_world()
+    try:
+        teacher = models.load_sam("tiny", device=device)
+        sam = train_student(teacher, args.out, cfg, resume=not args.fresh, progress=not (args.no_progress or getattr(args, "json", False)))
+        digests = [weights_digest(sam.image_encoder)]
+        if world > 1:
+            digests = [None] * world
+            dist.all_gather_object(digests, weights_digest(sam.image_encoder))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    out = {"student": str(Path(args.out) / "student.pt"), "world_size": world, "rank_digests": digests,
+           "ranks_agree": len(set(digests)) == 1}
+    if rank == 0:
+        last = [json.loads(line) for line in open(Path(args.out) / "log.jsonl")][-1]
+        out.update(steps=last["step"], loss=last["loss"], miou_point=last.get("miou_point"),
+                   train_s=last["elapsed_s"])
+        (Path(args.out) / "ranks.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        out = run(args)
+    except (ValueError, models.CheckpointError) as e:
+        print(f"edgelab.distillation: error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""edgelab.distillation: students, the loss, decoupled training, saving, DDP, the CLI verbs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli
+from edgelab import checks, distillation as D, models
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return models.load_sam("tiny")
+
+
+@pytest.fixture(scope="module")
+def small_pool(teacher):
+    return D.build_pool(teacher, 16, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(teacher, small_pool, tmp_path_factory):
+    run = tmp_path_factory.mktemp("distill")
+    cfg = D.DistillConfig(student="resnet18", steps=40, batch_images=8, pool_scenes=16, lr=3e-3,
+                          eval_scenes=2, checkpoint_every=20)
+    sam = D.train_student(teacher, run, cfg, pool=small_pool, progress=False)
+    return run, sam
+
+
+@pytest.mark.parametrize("kind", list(D.STUDENTS))
+def test_every_student_gives_the_teachers_embedding_shape(teacher, kind):
+    sam = D.make_student(teacher, kind)
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        assert sam.image_encoder(x).shape == teacher.image_encoder(x).shape == (2, 128, 16, 16)
+    assert models.count_params(sam.image_encoder) < models.count_params(teacher.image_encoder)
+    assert D.encoder_macs(sam) < D.encoder_macs(teacher)
+
+
+def test_student_reads_a_2x2_average_of_the_image(teacher):
+    enc = D.make_student(teacher, "resnet18").image_encoder
+    x = torch.randn(1, 3, 256, 256)
+    seen = {}
+    enc.trunk.register_forward_pre_hook(lambda m, i: seen.update(x=i[0]))
+    with torch.no_grad():
+        enc(x)
+    assert torch.allclose(seen["x"], F.avg_pool2d(x, 2), atol=1e-6)
+
+
+def test_unknown_student_and_loss_are_clear_errors(teacher):
+    with pytest.raises(ValueError, match="unknown student 'vgg'"):
+        D.make_student(teacher, "vgg")
+    with pytest.raises(ValueError, match="unknown loss"):
+        D.embedding_loss(torch.zeros(2), torch.zeros(2), "hinge")
+    with pytest.raises(ValueError, match="pool_scenes"):
+        D.DistillConfig(pool_scenes=4, batch_images=8).check()
+
+
+def test_huber_is_quadratic_inside_delta_and_linear_outside():
+    s, t = torch.tensor([0.5, -3.0]), torch.zeros(2)
+    want = (0.5 * 0.5 ** 2 + 1.0 * (3.0 - 0.5)) / 2
+    assert D.embedding_loss(s, t, "huber", delta=1.0).item() == pytest.approx(want)
+    assert D.embedding_loss(s, t, "mse").item() == pytest.approx((0.25 + 9) / 2)
+    assert D.embedding_loss(s, t, "l1").item() == pytest.approx(1.75)
+
+
+def test_pool_holds_images_and_teacher_embeddings(teacher, small_pool):
+    assert len(small_pool) == 16
+    assert small_pool.images.dtype == torch.uint8 and small_pool.images.shape == (16, 3, 256, 256)
+    x, target = small_pool.batch(torch.tensor([3]), teacher)
+    with torch.no_grad():
+        assert torch.allclose(teacher.image_encoder(x), target, atol=2e-2)  # stored as float16
+
+
+def test_training_lowers_the_loss_and_writes_its_run_folder(trained):
+    run, sam = trained
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 41))
+    first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.8 * first
+    assert 0.0 <= log[-1]["miou_point"] <= 1.0
+    assert (run / "student.pt").is_file() and (run / "checkpoint.pt").is_file()
+    assert all(not p.requires_grad for p in sam.mask_decoder.parameters())
+
+
+def test_resume_continues_from_the_checkpoint(teacher, small_pool, trained, tmp_path):
+    run, _ = trained
+    for name in ("checkpoint.pt", "log.jsonl"):
+        (tmp_path / name).write_bytes((run / name).read_bytes())
+    cfg = D.DistillConfig(student="resnet18", steps=45, batch_images=8, pool_scenes=16, eval_scenes=1)
+    D.train_student(teacher, tmp_path, cfg, pool=small_pool, progress=False)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 46))
+
+
+def test_saved_student_reloads_exactly_and_plugs_into_sam_predictor(teacher, trained):
+    run, sam = trained
+    again = D.load_student(run / "student.pt", teacher)
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.equal(again.image_encoder(x), sam.image_encoder(x))
+    from segment_anything import SamPredictor
+    import numpy as np
+    p = SamPredictor(again)
+    p.set_image(np.zeros((40, 50, 3), np.uint8))
+    masks, _, _ = p.predict(point_coords=np.array([[5.0, 5.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 40, 50)
+
+
+def test_deployable_student_gives_the_same_embedding(teacher, trained):
+    _, sam = trained
+    fast = D.deployable(sam)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.image_encoder.modules())
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.allclose(fast.image_encoder(x), sam.image_encoder(x), atol=1e-4)
+
+
+def test_bad_student_files_are_one_clear_error(teacher, tmp_path, tiny_checkpoint):
+    with pytest.raises(models.CheckpointError, match="not found"):
+        D.load_student(tmp_path / "nope.pt", teacher)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(models.CheckpointError, match="not a loadable"):
+        D.load_student(tmp_path / "junk.pt", teacher)
+    with pytest.raises(models.CheckpointError, match="not a student saved by edgelab"):
+        D.load_student(tiny_checkpoint, teacher)
+
+
+def test_two_torchrun_ranks_end_with_the_same_weights(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "edgelab.distillation", "--out", str(out), "--steps", "4", "--pool-scenes", "8",
+           "--batch-images", "2", "--eval-scenes", "1", "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert ranks["world_size"] == 2 and len(ranks["rank_digests"]) == 2
+    assert ranks["ranks_agree"] and ranks["rank_digests"][0] == ranks["rank_digests"][1]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+
+
+def test_cli_bench_distill_reports_teacher_and_students(trained):
+    run, _ = trained
+    code, out, err = run_cli("bench", "distill", "--student", str(run / "student.pt"), "--scenes", "2",
+                             "--repeats", "3", "--json")
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["reference"] == "teacher" and rec["weights"] == "trained"
+    names = [v["name"] for v in rec["variants"]]
+    assert names[0] == "teacher" and len(names) == 3 and names[2].endswith("deployable")
+    for v in rec["variants"]:
+        assert set(v) == {"name", "params", "macs", "median_s", "miou", "agreement"}
+    assert rec["variants"][0]["agreement"] == 1.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["distill", "--steps", "0"], "steps"),
+    (["bench", "distill", "--student", "/no/such/student.pt"], "not found"),
+])
+def test_cli_distill_bad_input_is_one_line(args, message):
+    code, out, err = run_cli(*args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_huber_check():
+    checks.check_huber_loss(lambda s, t, d: F.huber_loss(s, t, delta=d))
+    with pytest.raises(checks.ExerciseError, match="half the MSE"):
+        checks.check_huber_loss(lambda s, t, d: F.mse_loss(s, t) / 2)
+    with pytest.raises(checks.ExerciseError, match="not implemented"):
+        checks.check_huber_loss(lambda s, t, d: (_ for _ in ()).throw(NotImplementedError))
+
+
+def test_wire_student_check():
+    checks.check_wire_student(D.student_sam)
+
+    def not_frozen(teacher, encoder):
+        from segment_anything.modeling import Sam
+        return Sam(encoder, teacher.prompt_encoder, teacher.mask_decoder,
+                   teacher.pixel_mean.flatten().tolist(), teacher.pixel_std.flatten().tolist())
+    with pytest.raises(checks.ExerciseError, match="still be trained"):
+        checks.check_wire_student(not_frozen)
+    with pytest.raises(checks.ExerciseError, match="not the student"):
+        checks.check_wire_student(lambda t, e: t)
