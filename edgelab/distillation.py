@@ -166,10 +166,9 @@ def student_sam(teacher: Sam, encoder: nn.Module) -> Sam:
 
 def make_student(teacher: Sam, kind: str, seed: int = 0) -> Sam:
     """A fresh (randomly initialised) student of family `kind` wired to `teacher`'s decoder."""
-    enc = teacher.image_encoder
-    grid = enc.img_size // enc.patch_embed.proj.stride[0] if hasattr(enc, "patch_embed") else enc.grid
     torch.manual_seed(seed)
-    student = StudentEncoder(kind, img_size=enc.img_size, grid=grid,
+    student = StudentEncoder(kind, img_size=teacher.image_encoder.img_size,
+                             grid=teacher.prompt_encoder.image_embedding_size[0],
                              out_chans=teacher.prompt_encoder.embed_dim)
     return student_sam(teacher, student.to(teacher.device))
 
@@ -199,7 +198,7 @@ class DistillConfig:
     """Everything that fixes a distillation run (quick profile by default)."""
 
     student: str = "resnet18"
-    steps: int = 400
+    steps: int = 600
     batch_images: int = 16
     lr: float = 3e-3  # peak of a cosine decay after warm-up
     weight_decay: float = 1e-4
@@ -249,8 +248,7 @@ class EmbeddingPool:
 
     def batch(self, idx: torch.Tensor, sam: Sam) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images and float32 targets of the scenes at `idx`."""
-        x = (self.images[idx].float().to(sam.device) - sam.pixel_mean) / sam.pixel_std
-        return x, self.targets[idx].float().to(sam.device)
+        return normalised(self.images[idx], sam), self.targets[idx].float().to(sam.device)
 
 
 def normalised(images: list[np.ndarray] | torch.Tensor, sam: Sam) -> torch.Tensor:
@@ -419,10 +417,7 @@ def load_shipped_student(teacher: Sam) -> Sam:
     """The student shipped in data/ (trained with the full recipe), its sha256 verified first."""
     if not SHIPPED.is_file():
         raise models.CheckpointError(f"no shipped student at {SHIPPED}: run `edgelab distill --profile full`")
-    want = SHIPPED_SHA256.read_text().split()[0] if SHIPPED_SHA256.is_file() else None
-    if want and models.sha256_of(SHIPPED) != want:
-        raise models.CheckpointError(f"{SHIPPED} does not match its sha256 in {SHIPPED_SHA256.name}: "
-                                     "a damaged or replaced file")
+    models.verify_sha256(SHIPPED, SHIPPED_SHA256, "rerun `edgelab distill --profile full --student resnet18`")
     return load_student(SHIPPED, teacher)
 
 

@@ -227,7 +227,7 @@ def load_sam(name: str = "tiny", checkpoint: str | os.PathLike | None = None,
         cfg = replace(cfg, img_size=img_size)
     if weights == "trained":
         state = read_checkpoint(TINY_WEIGHTS, "tiny")
-        _verify_shipped_sha256()
+        verify_sha256(TINY_WEIGHTS, TINY_SHA256, "rerun `edgelab train-tiny`")
         source = str(TINY_WEIGHTS)
     elif weights == "checkpoint":
         state = read_checkpoint(checkpoint, name)
@@ -241,13 +241,16 @@ def load_sam(name: str = "tiny", checkpoint: str | os.PathLike | None = None,
     return model.to(device).eval()
 
 
-def _verify_shipped_sha256() -> None:
-    if not TINY_SHA256.is_file():
-        raise CheckpointError(f"{TINY_SHA256} is missing: cannot verify the shipped tiny weights")
-    expected = TINY_SHA256.read_text().split()[0]
-    if sha256_of(TINY_WEIGHTS) != expected:
-        raise CheckpointError(f"{TINY_WEIGHTS} does not match {TINY_SHA256.name}: the file was changed "
-                              "or corrupted; restore it from git or rerun `edgelab train-tiny`")
+def verify_sha256(weights: Path, sha_file: Path, restore: str) -> None:
+    """Raise CheckpointError unless `weights` matches the sha256 written in `sha_file`.
+
+    `restore` says how to get the right file back (it ends the error message).
+    """
+    if not sha_file.is_file():
+        raise CheckpointError(f"{sha_file} is missing: cannot verify the shipped {weights.name}")
+    if sha256_of(weights) != sha_file.read_text().split()[0]:
+        raise CheckpointError(f"{weights} does not match {sha_file.name}: the file was changed "
+                              f"or corrupted; restore it from git or {restore}")
 
 
 def weights_label(model: Sam) -> str:
