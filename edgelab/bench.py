@@ -152,13 +152,16 @@ def _sync() -> None:
 
 
 def compare(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1,
-            repeats: int = 5) -> dict[str, Timing]:
+            repeats: int = 5, number: int = 1) -> dict[str, Timing]:
     """Time several variants interleaved (A B C A B C ...) so machine drift hits all alike.
 
     Arguments:
         fns: variant name -> callable with no arguments.
         warmup: untimed rounds over all variants (also interleaved).
         repeats: timed rounds; each variant gets one time per round.
+        number: consecutive calls per timed block, the time being their mean. 1 times each call
+            right after the other variants' (cold caches); more times a stream of calls, as a
+            deployed model runs frame after frame (warm caches, the steady state).
     Returns:
         variant name -> Timing (median and IQR of its `repeats` times).
     """
@@ -170,9 +173,10 @@ def compare(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1,
     for _ in range(max(1, repeats)):
         for name, fn in fns.items():
             start = time.perf_counter()
-            fn()
+            for _ in range(max(1, number)):
+                fn()
             _sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / max(1, number))
     return {name: Timing.from_times(name, t) for name, t in times.items()}
 
 

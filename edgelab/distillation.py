@@ -6,12 +6,13 @@ the same embedding (Huber loss by default, MSE or L1 as options); the teacher's 
 and mask decoder are reused frozen, so the student drops into `SamPredictor` unchanged.
 
 Students (`STUDENTS`), all from random initialisation (nothing can be downloaded here):
-  - resnet18:       ResNet-18's stem and first three stages (torchvision's BasicBlock), width-scaled;
+  - resnet18:       ResNet-18's first three stages (torchvision's BasicBlock), width-scaled,
+                    behind a strided stem that reads the full image (ResNet's own stem optional);
   - mobilenet_v3:   torchvision's MobileNetV3-Large, its first stages up to stride 8;
   - efficientvit_b0: timm's EfficientViT-B0, its first stages up to stride 8.
-Each reads the image at half the teacher's side (a 2x2 average: the pixels a CNN needs to
-find 16x16 tokens' worth of edges) and ends in a neck that maps its channels to the teacher's
-embedding (a 1x1 convolution and LayerNorm2d, the first half of SAM's own neck).
+A stride-8 trunk reads the image at half the teacher's side (a 2x2 average: the pixels a CNN
+needs to find 16x16 tokens' worth of edges). Each student ends in a neck that maps its channels
+to the teacher's embedding (a 1x1 convolution and LayerNorm2d, the first half of SAM's neck).
 
 The same training runs under `torchrun` with DistributedDataParallel (section "More than one
 machine"): `torchrun --nproc-per-node 2 -m edgelab.distillation --out runs/distill`.
@@ -48,16 +49,26 @@ SCENE_OFFSET = 6_000_000  # distillation scenes: away from tiny's training seeds
 
 # ---------------------------------------------------------------- students
 
-def resnet18_trunk(width: int = 16) -> tuple[nn.Module, int, int]:
-    """ResNet-18's stem and stages 1-3 (two BasicBlocks each), channels width, 2w, 4w.
+def resnet18_trunk(width: int = 16, stem: str = "strided") -> tuple[nn.Module, int, int]:
+    """ResNet-18's first three stages (two torchvision BasicBlocks each), channels width, 2w, 4w.
 
-    The stem is ResNet's own (7x7 stride-2 convolution, 3x3 stride-2 max-pool); stage 3 keeps
-    stride 1 instead of 2 (the segmentation networks' "output stride 8"), so a half-size image
-    lands on the teacher's 16x16 grid. Returns (trunk, output channels, stride).
+    Stage 3 keeps stride 1 instead of 2 (the segmentation networks' "output stride 8" trick).
+    `stem="resnet"` is ResNet's own stem (7x7 stride-2 convolution, 3x3 stride-2 max-pool) on a
+    half-size image. `stem="strided"` (the default, section "Making the student fast") reads the
+    full image with a 4x4 stride-4 convolution and a 3x3 stride-2 one: the same 32x32 map for
+    stage 1 without the resampling, the 7x7 kernel and the max-pool, which cost a batch-1 CPU
+    more than their MACs suggest. Returns (trunk, output channels, stride).
     """
     from torchvision.models.resnet import BasicBlock
-    layers: list[nn.Module] = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
-                               nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
+    if stem not in ("strided", "resnet"):
+        raise ValueError(f"unknown stem {stem!r}; choose strided or resnet")
+    if stem == "strided":
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 4, 4, bias=False), nn.BatchNorm2d(width),
+                                   nn.ReLU(inplace=True), nn.Conv2d(width, width, 3, 2, 1, bias=False),
+                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+    else:
+        layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width),
+                  nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)]
     cin = width
     for i, stride in enumerate((1, 2, 1)):
         c = width * 2 ** i
@@ -65,7 +76,7 @@ def resnet18_trunk(width: int = 16) -> tuple[nn.Module, int, int]:
             nn.Conv2d(cin, c, 1, stride, bias=False), nn.BatchNorm2d(c))
         layers += [BasicBlock(cin, c, stride, down), BasicBlock(c, c)]
         cin = c
-    return nn.Sequential(*layers), cin, 8
+    return nn.Sequential(*layers), cin, 16 if stem == "strided" else 8
 
 
 def mobilenet_v3_trunk(width_mult: float = 1.0) -> tuple[nn.Module, int, int]:
@@ -108,14 +119,15 @@ class StudentEncoder(nn.Module):
     """
 
     def __init__(self, kind: str, img_size: int = 256, grid: int = 16, out_chans: int = 128,
-                 input_size: int = 128):
+                 input_size: int | None = None):
         super().__init__()
         if kind not in STUDENTS:
             raise ValueError(f"unknown student {kind!r}; choose from {', '.join(STUDENTS)}")
+        self.trunk, chans, self.stride = STUDENTS[kind]()
+        input_size = input_size or min(img_size, grid * self.stride)  # the trunk's output is the grid
         if img_size % input_size:
             raise ValueError(f"input_size {input_size} must divide img_size {img_size}")
         self.kind, self.img_size, self.grid, self.input_size = kind, img_size, grid, input_size
-        self.trunk, chans, self.stride = STUDENTS[kind]()
         for m in self.trunk.modules():  # torchvision's MobileNets keep 0.01: too slow for short runs
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = 0.1
@@ -436,15 +448,16 @@ def eval_images(n: int) -> list[np.ndarray]:
 
 
 def students_table(teacher: Sam, students: dict[str, Sam], n_eval: int = 20, repeats: int = 30,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, number: int = 10) -> list[dict]:
     """The slides' table on our models (section "The students table"): one row per model with
-    params, MACs, encoder latency (batch 1, all timed interleaved in one run), speed-up over the
-    teacher, point mIoU against the ground truth and agreement (mIoU) with the teacher's masks."""
+    params, MACs, encoder latency (batch 1, blocks of `number` consecutive frames, all models
+    interleaved in one run), speed-up over the teacher, point mIoU against the ground truth and
+    agreement (mIoU) with the teacher's masks."""
     everyone = {"teacher": teacher, **students}
     x = torch.randn(1, 3, teacher.image_encoder.img_size, teacher.image_encoder.img_size, device=teacher.device)
-    with torch.inference_mode():
+    with torch.inference_mode():  # blocks of `number` frames: the steady state of a video stream
         times = bench.compare({k: (lambda m=m: m.image_encoder(x)) for k, m in everyone.items()},
-                              warmup=3, repeats=repeats)
+                              warmup=3, repeats=repeats, number=number)
     images = eval_images(n_eval)
     rows = []
     for name, sam in tqdm(everyone.items(), desc="students table", disable=not progress, leave=False):

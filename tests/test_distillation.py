@@ -42,8 +42,8 @@ def test_every_student_gives_the_teachers_embedding_shape(teacher, kind):
     assert D.encoder_macs(sam) < D.encoder_macs(teacher)
 
 
-def test_student_reads_a_2x2_average_of_the_image(teacher):
-    enc = D.make_student(teacher, "resnet18").image_encoder
+def test_stride_8_student_reads_a_2x2_average_of_the_image(teacher):
+    enc = D.make_student(teacher, "mobilenet_v3").image_encoder
     x = torch.randn(1, 3, 256, 256)
     seen = {}
     enc.trunk.register_forward_pre_hook(lambda m, i: seen.update(x=i[0]))
@@ -186,3 +186,15 @@ def test_wire_student_check():
         checks.check_wire_student(not_frozen)
     with pytest.raises(checks.ExerciseError, match="not the student"):
         checks.check_wire_student(lambda t, e: t)
+
+
+def test_resnet18_stems_land_on_the_same_grid(teacher):
+    x = torch.randn(1, 3, 256, 256)
+    strided, chans, stride = D.resnet18_trunk(stem="strided")
+    resnet, chans2, stride2 = D.resnet18_trunk(stem="resnet")
+    assert (chans, stride, chans2, stride2) == (64, 16, 64, 8)
+    with torch.no_grad():
+        assert strided.eval()(x).shape == resnet.eval()(F.avg_pool2d(x, 2)).shape == (1, 64, 16, 16)
+    assert D.make_student(teacher, "resnet18").image_encoder.input_size == 256  # no resampling
+    with pytest.raises(ValueError, match="unknown stem"):
+        D.resnet18_trunk(stem="vit")
