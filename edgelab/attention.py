@@ -552,15 +552,21 @@ class _FlopsByCategory(TorchDispatchMode):
         return out
 
 
-def flop_categories(module: torch.nn.Module, *inputs: torch.Tensor) -> dict[str, int]:
+def flop_categories(module: torch.nn.Module, *inputs: torch.Tensor, fake: bool = True) -> dict[str, int]:
     """FLOPs of one forward of `module` by category (torch.utils.flop_counter's counts).
 
-    Runs on fake tensors (shapes only), so counting vit_h costs no arithmetic. Softmax, norms and
-    element-wise ops count zero FLOPs there: that is the counter's convention, and the lesson.
+    Runs on fake tensors (shapes only), so counting vit_h costs no arithmetic; `fake=False` runs
+    the real forward (for code whose shapes depend on values, like SAM's prompt encoder).
+    Softmax, norms and element-wise ops count zero FLOPs there: that is the counter's
+    convention, and the lesson.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     counter = _FlopsByCategory()
+    if not fake:
+        with category_scopes(module), counter, torch.no_grad():
+            module(*inputs)
+        return counter.flops
     with FakeTensorMode(allow_non_fake_inputs=True) as fake:
         fake_inputs = [fake.from_tensor(t) if torch.is_tensor(t) else t for t in inputs]
         with category_scopes(module), counter, torch.no_grad():

@@ -275,3 +275,44 @@ def check_wire_student(fn: Callable) -> None:
     if masks.shape != (3, 64, 80):
         _fail(name, f"SamPredictor gave masks of shape {masks.shape}, expected (3, 64, 80).",
               "the student must keep the teacher's img_size so SamPredictor resizes the image the same way.")
+
+
+def check_choose(fn: Callable) -> None:
+    """Notebook 05, exercise "Choose under a budget": fn(rows, budget_s) -> the row with the
+    highest mIoU among those whose frame latency `median_s` fits the budget, or None."""
+    name = "choose under a budget"
+    rows = [{"name": "big", "median_s": 0.020, "miou": 0.62}, {"name": "mid", "median_s": 0.008, "miou": 0.60},
+            {"name": "fast", "median_s": 0.003, "miou": 0.55}, {"name": "fast twin", "median_s": 0.004, "miou": 0.55}]
+    cases = [(1.0, "big"), (0.020, "big"), (0.0199, "mid"), (0.005, "fast"), (0.001, None)]
+    for budget, want in cases:
+        got = _run(name, fn, [dict(r) for r in rows], budget)
+        if want is None and got is None:
+            continue
+        _not_done(name, got)
+        got_name = got.get("name") if isinstance(got, dict) else got
+        if got_name != want:
+            _fail(name, f"with a budget of {budget * 1e3:g} ms you chose {got_name!r}, expected {want!r}.",
+                  "keep the rows with median_s <= budget, then take the highest miou (ties: the faster); "
+                  "return None when nothing fits.")
+
+
+def check_edge_preprocess(fn: Callable) -> None:
+    """Notebook 05, exercise "Preprocess without torch": fn(image, mean, std, size) -> the
+    (1, 3, size, size) float32 array SamPredictor feeds the encoder, for an image whose longest
+    side is already `size`: normalised per channel, then zero-padded at the bottom and right."""
+    name = "preprocess without torch"
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    mean = np.array([123.675, 116.28, 103.53], np.float32)
+    std = np.array([58.395, 57.12, 57.375], np.float32)
+    want = np.zeros((1, 3, 64, 64), np.float32)
+    want[0, :, :48, :] = ((image - mean) / std).transpose(2, 0, 1)
+    got = _run(name, fn, image, mean, std, 64)
+    _not_done(name, got)
+    got = np.asarray(got)
+    if got.shape != want.shape:
+        _fail(name, f"shape {got.shape}, expected {want.shape}.",
+              "channels first with a batch axis: (1, 3, size, size); transpose(2, 0, 1) then add an axis.")
+    if np.abs(got[0, :, 48:, :]).max() > 0:
+        _fail(name, "the padding is not zero.", "normalise first, then pad with zeros (SamPredictor pads after normalising).")
+    check_close(name, got, want, "subtract the mean and divide by the std per channel, as float32.", atol=1e-5)

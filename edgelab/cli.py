@@ -1,6 +1,6 @@
 """`edgelab <verb>`: drive the workbook without Jupyter (the guide's command-line contract).
 
-Verbs: run, eval, bench encoder, bench prune, bench quant, train-tiny, report. `--json` prints one JSON object on stdout.
+Verbs: run, eval, bench encoder|prune|quant|distill|deploy, distill, train-tiny, report. `--json` prints one JSON object on stdout.
 Bad input exits 2 with one line on stderr, never a traceback.
 """
 from __future__ import annotations
@@ -246,6 +246,18 @@ def cmd_bench_distill(args) -> dict:
     return record
 
 
+def cmd_bench_deploy(args) -> dict:
+    """`bench deploy`: every stack step and ONNX Runtime variant of tiny in one run (notebook 05)."""
+    from . import deploy
+    if args.repeats < 1 or args.scenes < 1:
+        raise UsageError("--repeats and --scenes must be 1 or more")
+    cfg = deploy.StackConfig(attention=args.attention, prune_ratio=args.prune_ratio,
+                             finetune_steps=args.finetune_steps, prompts=args.prompts)
+    cfg.check()
+    return deploy.bench_deploy(args.out, cfg, n_eval=args.scenes, repeats=args.repeats,
+                               memory=not args.no_memory, progress=not args.json)
+
+
 def cmd_distill(args) -> dict:
     """`distill`: train one student (the same code torchrun runs, see edgelab.distillation)."""
     from . import distillation
@@ -346,6 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--device", default="cpu")
     bd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     bd.set_defaults(fn=cmd_bench_distill)
+
+    bdp = bsub.add_parser("deploy", help="the stack and ONNX Runtime variants of tiny (notebook 05)")
+    bdp.add_argument("--out", default="runs/deploy", help="run folder for the pruned model and ONNX files")
+    bdp.add_argument("--scenes", type=int, default=30, help="eval scenes for mIoU and agreement")
+    bdp.add_argument("--repeats", type=int, default=20)
+    bdp.add_argument("--attention", default="sdpa", help="chapter 01's attention variant for the fused step")
+    bdp.add_argument("--prune-ratio", type=float, default=0.4)
+    bdp.add_argument("--finetune-steps", type=int, default=60)
+    bdp.add_argument("--prompts", type=int, default=1, help="point prompts per frame")
+    bdp.add_argument("--no-memory", action="store_true", help="skip peak memory (a fresh process)")
+    bdp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    bdp.set_defaults(fn=cmd_bench_deploy)
 
     from .distillation import add_arguments
     d = sub.add_parser("distill", help="distil tiny's image encoder into a student (notebook 04)")

@@ -57,3 +57,21 @@ def test_check_close_reports_shape_and_values():
         checks.check_close("demo", [1.0], [1.0, 2.0], "hint")
     with pytest.raises(checks.ExerciseError, match="largest difference"):
         checks.check_close("demo", [1.0, 2.5], [1.0, 2.0], "hint")
+
+
+def test_chapter_05_checks_fail_on_wrong_answers_and_pass_on_right_ones():
+    from edgelab import checks
+    checks.check_choose(lambda rows, b: max([r for r in rows if r["median_s"] <= b],
+                                            key=lambda r: (r["miou"], -r["median_s"]), default=None))
+    with pytest.raises(checks.ExerciseError, match="choose under a budget"):
+        checks.check_choose(lambda rows, b: min(rows, key=lambda r: r["median_s"]))  # fastest, not best
+
+    def right(image, mean, std, size):
+        out = np.zeros((1, 3, size, size), np.float32)
+        out[0, :, :image.shape[0], :image.shape[1]] = ((image - mean) / std).transpose(2, 0, 1)
+        return out
+
+    checks.check_edge_preprocess(right)
+    with pytest.raises(checks.ExerciseError, match="padding is not zero"):
+        checks.check_edge_preprocess(lambda im, m, s, n: (np.pad(im.astype(np.float32), ((0, n - im.shape[0]), (0, 0), (0, 0)))
+                                                          - m).transpose(2, 0, 1)[None] / s[:, None, None])

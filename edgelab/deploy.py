@@ -1,0 +1,612 @@
+"""Edge deployment: stacking chapters 01-04, ONNX Runtime, choosing a variant under a budget (chapter 05).
+
+Taught in notebook 05. The one module allowed to import the other chapters' modules: it stacks
+fused attention (01), Frobenius-norm pruning (02), INT8 (03) and the distilled student (04) on
+`tiny`, exports models to ONNX and runs them with ONNX Runtime (FP32 and its own dynamic INT8),
+and measures every variant the same way: encoder latency, end-to-end frame latency (encoder and
+a decoder call for a fixed number of point prompts), size on disk, peak memory, mIoU against the
+ground truth and agreement with the PyTorch FP32 masks.
+
+Every variant can be rebuilt from a run folder (`build_variant`), which lets peak memory be
+measured in a fresh process. Exported files go to the run folder, never into the repository.
+"""
+from __future__ import annotations
+
+import copy
+import multiprocessing as mp
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
+from tqdm.auto import tqdm
+
+from . import attention, bench, distillation, evaluate, models, pruning, quantization, scenes
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPTS = 1  # point prompts per frame in the end-to-end latency: one tracked object (prompt_sweep: more)
+OPSET = 17
+PYTORCH_STEPS = ("reference", "fused", "pruned", "pruned+int8", "student", "student+int8")
+ORT_VARIANTS = ("ort fp32", "ort int8", "student ort fp32", "student ort int8")
+MIOU_SLACK = 0.03  # the chapter's bar: a deployable variant keeps mIoU within 3 points
+
+
+class ExportError(ValueError):
+    """A model that cannot be exported to ONNX (the message says why)."""
+
+
+@dataclass
+class StackConfig:
+    """What each step of the stack adds (notebook 05's parameters)."""
+
+    attention: str = "sdpa"  # chapter 01's variant for the "fused" step
+    prune_ratio: float = 0.4  # chapter 02: uniform channel pruning
+    finetune_steps: int = 60  # chapter 02: fine-tuning after pruning (0: none)
+    quant: str = "w8a8"  # chapter 03: the INT8 variant
+    prompts: int = PROMPTS
+    threads: int | None = None  # ONNX Runtime threads (None: torch's)
+
+    def check(self) -> None:
+        if self.attention not in attention.VARIANTS:
+            raise ValueError(f"unknown attention variant {self.attention!r}: choose from {', '.join(attention.VARIANTS)}")
+        if not 0 < self.prune_ratio < 1:
+            raise ValueError(f"prune_ratio must be between 0 and 1 (exclusive), got {self.prune_ratio}")
+        if self.finetune_steps < 0 or self.prompts < 1:
+            raise ValueError("finetune_steps must be 0 or more and prompts 1 or more")
+        if self.quant not in quantization.VARIANTS or self.quant in ("fp32", "bf16"):
+            raise ValueError(f"quant must be an INT8 variant of chapter 03, not {self.quant!r}")
+
+
+# ================================================================ one frame
+
+def frame_points(n: int = PROMPTS, size: int = 256, seed: int = 0) -> np.ndarray:
+    """`n` fixed (x, y) points of a frame: the point prompts of the first eval scene's objects."""
+    s = scenes.SceneDataset("eval", 1, size=size).scene(0)
+    pts = [evaluate.point_prompt(m) for m in s.masks]
+    rng = np.random.default_rng(seed)
+    while len(pts) < n:
+        pts.append(tuple(rng.uniform(0, size, 2)))
+    return np.asarray(pts[:n], np.float32)
+
+
+class Frame(nn.Module):
+    """One camera frame through a SAM: the image encoder, then `points` as separate one-point
+    prompts in one batched decoder call (section "The stack, step by step")."""
+
+    def __init__(self, sam: Sam, points: np.ndarray):
+        super().__init__()
+        self.sam = sam
+        self.register_buffer("points", torch.as_tensor(points, dtype=torch.float)[:, None, :])
+        self.register_buffer("labels", torch.ones(len(points), 1, dtype=torch.int))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Binary masks at the input size (N, 3, S, S) and their predicted IoU (N, 3)."""
+        emb = self.sam.image_encoder(x)
+        pe = self.sam.prompt_encoder
+        sparse, dense = pe(points=(self.points, self.labels), boxes=None, masks=None)
+        low, iou = self.sam.mask_decoder(emb, pe.get_dense_pe(), sparse, dense, True)
+        return upscale_best(low, iou, self.sam.image_encoder.img_size) > self.sam.mask_threshold, iou
+
+
+def upscale_best(low: torch.Tensor, iou: torch.Tensor, size: int) -> torch.Tensor:
+    """The best of each prompt's masks by predicted IoU, upscaled to (N, 1, size, size).
+
+    Choosing before upscaling (as segment_anything's SamOnnxModel does) upscales one mask per
+    prompt instead of three: the same result as the evaluation protocol, a third of the work."""
+    best = low[torch.arange(low.shape[0], device=low.device), iou.argmax(dim=1)][:, None]
+    return F.interpolate(best, (size, size), mode="bilinear", align_corners=False)
+
+
+def torch_input(sam: Sam, image: np.ndarray) -> torch.Tensor:
+    """SamPredictor's preprocessing of one image: (1, 3, S, S), normalised and padded."""
+    pred = SamPredictor(sam)
+    img = pred.transform.apply_image(image)
+    x = torch.as_tensor(img, device=sam.device).permute(2, 0, 1)[None].float()
+    return sam.preprocess(x)
+
+
+# ================================================================ variants
+
+@dataclass
+class Variant:
+    """One deployable variant: how to run a frame, the encoder alone, and segment an image."""
+
+    name: str
+    runtime: str  # "pytorch" or "onnxruntime"
+    frame: Callable[[], object]
+    encode: Callable[[], object]
+    segment: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (image, (N, 2) points) -> (N, H, W)
+    size_mb: float
+    sam: Sam | None = None
+
+
+def torch_variant(name: str, sam: Sam, image: np.ndarray, points: np.ndarray,
+                  size_mb: float | None = None) -> Variant:
+    """Wrap a PyTorch SAM: its frame on `image` with `points`, its encoder, its predictor."""
+    sam = sam.eval()
+    x = torch_input(sam, image)
+    frame = Frame(sam, points).to(sam.device)
+    pred = SamPredictor(sam)
+
+    @torch.inference_mode()
+    def run_frame():
+        return frame(x)
+
+    @torch.inference_mode()
+    def run_encoder():
+        return sam.image_encoder(x)
+
+    def segment(img: np.ndarray, pts: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return evaluate.predict_masks(pred, img, points=pts)
+
+    size = quantization.size_mb(sam) if size_mb is None else size_mb
+    return Variant(name, "pytorch", run_frame, run_encoder, segment, size, sam)
+
+
+def onnx_variant(name: str, encoder: str | Path, decoder: str | Path, image: np.ndarray,
+                 points: np.ndarray, threads: int | None = None) -> Variant:
+    """Wrap an exported pair with `edge.EdgePredictor` (numpy and onnxruntime only)."""
+    from .edge import EdgePredictor
+    pred = EdgePredictor(str(encoder), str(decoder), threads or torch.get_num_threads())
+    x = pred.preprocess(image)
+    pred.set_image(image)
+    coords = np.asarray(points, np.float32)[:, None, :]
+    labels = np.ones(coords.shape[:2], np.float32)
+
+    def run_frame():  # the same work as Frame: encoder, decoder, best masks at the input size
+        pred.embedding = pred.encoder.run(None, {"image": x})[0]
+        return pred.segment(points)
+
+    def run_encoder():
+        return pred.encoder.run(None, {"image": x})[0]
+
+    def segment(img: np.ndarray, pts: np.ndarray) -> np.ndarray:
+        pred.set_image(img)
+        return pred.segment(pts)
+
+    size = (Path(encoder).stat().st_size + Path(decoder).stat().st_size) / 2**20
+    return Variant(name, "onnxruntime", run_frame, run_encoder, segment, size)
+
+
+# ================================================================ the stack
+
+def fused(sam: Sam, cfg: StackConfig) -> Sam:
+    """Chapter 01: a copy of `sam` with the faster attention (same weights, same function)."""
+    return attention.set_attention(copy.deepcopy(sam), cfg.attention)
+
+
+def pruned(sam: Sam, cfg: StackConfig, progress: bool = True) -> Sam:
+    """Chapter 02: uniform Frobenius-norm pruning, then a short fine-tune distilled from `sam`."""
+    depth = len(sam.image_encoder.blocks)
+    out = pruning.pruned_copy(sam, pruning.PrunePlan.uniform(cfg.prune_ratio, depth))
+    if cfg.finetune_steps:
+        pruning.finetune(out, pruning.FinetuneConfig(steps=cfg.finetune_steps), teacher=sam,
+                         progress=progress, desc=f"fine-tune {cfg.prune_ratio:.0%} pruned")
+    return out.eval()
+
+
+def build_stack(tiny: Sam, run_dir: str | Path, cfg: StackConfig = StackConfig(),
+                progress: bool = True) -> dict[str, tuple[Sam, float]]:
+    """Every PyTorch step of the stack: name -> (model, size on disk in MB).
+
+    The pruned model is saved to `run_dir/pruned.pt` so `build_variant` can rebuild it.
+    """
+    cfg.check()
+    run_dir = _run_folder(run_dir)
+    steps: dict[str, tuple[Sam, float]] = {"reference": (tiny, quantization.size_mb(tiny))}
+    f = fused(tiny, cfg)
+    steps["fused"] = (f, quantization.size_mb(f))
+    p = pruned(tiny, cfg, progress)
+    pruning.save_pruned(p, run_dir / "pruned.pt")
+    attention.set_attention(p, cfg.attention)
+    steps["pruned"] = (p, quantization.size_mb(p))
+    steps["pruned+int8"] = quantization.make_variant(p, cfg.quant)
+    s = distillation.deployable(distillation.load_shipped_student(tiny))
+    steps["student"] = (s, quantization.size_mb(s))
+    steps["student+int8"] = quantization.make_variant(s, cfg.quant)
+    return steps
+
+
+def _run_folder(path: str | Path) -> Path:
+    """A folder for exports and results; refuses the repository's own source folders."""
+    p = Path(path).expanduser().resolve()
+    for src in ("edgelab", "notebooks", "data", "tests", "binder"):
+        if p == REPO / src or (REPO / src) in p.parents:
+            raise ExportError(f"{p} is inside the repository's {src}/: write exports to a run folder such as runs/deploy")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+# ================================================================ ONNX
+
+class _EncoderForExport(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.encoder(image)
+
+
+class DecoderForExport(nn.Module):
+    """The prompt encoder and mask decoder as one graph with a dynamic number of prompts (N) and
+    points per prompt (K), after segment_anything's SamOnnxModel. Outputs: `best_masks`, the best
+    of SAM's three masks per prompt upscaled to the encoder's input size (N, 1, S, S); the
+    predicted IoU of all four mask tokens (N, 4); their low-resolution logits (N, 4, 4h, 4w).
+    Cropping and resizing to the image stay outside the graph: they depend on the image."""
+
+    def __init__(self, sam: Sam):
+        super().__init__()
+        from segment_anything.utils.onnx import SamOnnxModel
+        self.onnx = SamOnnxModel(sam, return_single_mask=False)
+        self.img_size = sam.image_encoder.img_size
+
+    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor,
+                point_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pe = self.onnx.model.prompt_encoder
+        sparse = self.onnx._embed_points(point_coords, point_labels)
+        h, w = pe.image_embedding_size
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w)
+        low, scores = self.onnx.mask_decoder.predict_masks(
+            image_embeddings=image_embeddings, image_pe=pe.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+        best = upscale_best(low[:, 1:], scores[:, 1:], self.img_size)  # SAM's three masks, the best
+        return best, scores, low
+
+
+def _exportable(sam: Sam, what: str) -> None:
+    """Clear errors for models the exporter cannot take, before it fails deep inside."""
+    kinds = {type(m).__name__ for m in sam.modules()}
+    int8 = kinds & {"Int8Linear", "Int8WeightConv", "StaticQuantLinear", "DynamicQuantizedLinear", "LinearPackedParams"}
+    if int8:
+        raise ExportError(f"cannot export {what}: it holds chapter 03's INT8 layers ({', '.join(sorted(int8))}), "
+                          "whose integer kernels (torch._int_mm, fbgemm) have no ONNX operator; export the FP32 "
+                          "model and quantize it with ONNX Runtime instead (deploy.quantize_onnx)")
+    if any(p.dtype != torch.float32 for p in sam.parameters()):
+        raise ExportError(f"cannot export {what}: export the FP32 model (found {sorted({str(p.dtype) for p in sam.parameters()})})")
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic: dict | None, what: str) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                              dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+    except Exception as e:  # noqa: BLE001 - the exporter's own errors are long; keep the first line
+        raise ExportError(f"could not export {what} to ONNX: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def export_onnx(sam: Sam, out_dir: str | Path, prefix: str = "tiny") -> tuple[Path, Path]:
+    """Write `prefix`_encoder.onnx and `prefix`_decoder.onnx to `out_dir` (section "ONNX").
+
+    The encoder's file carries the preprocessing constants (input size, pixel mean and std) as
+    metadata, so `edge.EdgePredictor` needs nothing else. Attention is exported as SAM's own
+    code (ONNX Runtime fuses the graph itself). Raises ExportError with the reason.
+    """
+    import onnx
+    _exportable(sam, prefix)
+    out = _run_folder(out_dir)
+    model = copy.deepcopy(sam).cpu().eval()
+    if attention.attention_modules(model):
+        attention.set_attention(model, "reference")
+    size = model.image_encoder.img_size
+    x = torch.zeros(1, 3, size, size)
+    enc_path, dec_path = out / f"{prefix}_encoder.onnx", out / f"{prefix}_decoder.onnx"
+    with torch.no_grad():
+        emb = model.image_encoder(x)
+    _export(_EncoderForExport(model.image_encoder), (x,), enc_path, ["image"], ["image_embeddings"], None,
+            f"{prefix}'s image encoder")
+    pts, labels = torch.rand(2, 2, 2) * size, torch.ones(2, 2)
+    _export(DecoderForExport(model), (emb, pts, labels), dec_path,
+            ["image_embeddings", "point_coords", "point_labels"], ["best_masks", "iou_predictions", "low_res_masks"],
+            {"point_coords": {0: "prompts", 1: "points"}, "point_labels": {0: "prompts", 1: "points"},
+             "best_masks": {0: "prompts"}, "iou_predictions": {0: "prompts"}, "low_res_masks": {0: "prompts"}},
+            f"{prefix}'s prompt encoder and mask decoder")
+    m = onnx.load(str(enc_path))
+    onnx.helper.set_model_props(m, {
+        "img_size": str(size), "mask_threshold": str(float(model.mask_threshold)),
+        "pixel_mean": ",".join(f"{v:g}" for v in model.pixel_mean.flatten().tolist()),
+        "pixel_std": ",".join(f"{v:g}" for v in model.pixel_std.flatten().tolist())})
+    onnx.save(m, str(enc_path))
+    return enc_path, dec_path
+
+
+def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
+    """ONNX Runtime's own dynamic INT8 quantization (weights int8, activations quantized per
+    call): the MatMul and Gemm weights; the metadata is kept (section "ONNX Runtime INT8")."""
+    import logging
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its pre-processing advice
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    props = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    if props:
+        m = onnx.load(str(dst))
+        onnx.helper.set_model_props(m, props)
+        onnx.save(m, str(dst))
+    return Path(dst)
+
+
+def export_all(tiny: Sam, student: Sam, run_dir: str | Path) -> dict[str, tuple[Path, Path]]:
+    """The four ONNX Runtime variants' files: tiny and the student, FP32 and INT8."""
+    out: dict[str, tuple[Path, Path]] = {}
+    for prefix, sam in (("tiny", tiny), ("student", student)):
+        enc, dec = export_onnx(sam, run_dir, prefix)
+        tag = "" if prefix == "tiny" else "student "
+        out[f"{tag}ort fp32"] = (enc, dec)
+        out[f"{tag}ort int8"] = (quantize_onnx(enc, enc.with_name(f"{prefix}_encoder_int8.onnx")),
+                                 quantize_onnx(dec, dec.with_name(f"{prefix}_decoder_int8.onnx")))
+    return out
+
+
+def all_variants(tiny: Sam, run_dir: str | Path, cfg: StackConfig = StackConfig(),
+                 progress: bool = True) -> dict[str, Variant]:
+    """Every variant of the chapter, ready to time: the PyTorch stack, then ONNX Runtime's four."""
+    image = scenes.SceneDataset("eval", 1).scene(0).image
+    points = frame_points(cfg.prompts)
+    steps = build_stack(tiny, run_dir, cfg, progress)
+    files = export_all(tiny, steps["student"][0], run_dir)
+    out = {n: torch_variant(n, sam, image, points, size) for n, (sam, size) in steps.items()}
+    out.update({n: onnx_variant(n, enc, dec, image, points, cfg.threads) for n, (enc, dec) in files.items()})
+    return out
+
+
+def bench_deploy(run_dir: str | Path, cfg: StackConfig = StackConfig(), n_eval: int = 30,
+                 repeats: int = 20, memory: bool = True, progress: bool = True) -> dict:
+    """`edgelab bench deploy`: every variant measured in one run, and the best deployable one."""
+    torch.manual_seed(0)
+    tiny = models.load_sam("tiny")
+    variants = all_variants(tiny, run_dir, cfg, progress)
+    rows = measure(variants, n_eval, repeats, run_dir if memory else None, cfg, progress)
+    best = best_deployable(rows)
+    ref = rows[0]
+    keep = ("name", "median_s", "iqr_s", "size_mb", "peak_mem_mb", "miou", "agreement")
+    record = bench.bench_record("reference", "trained", [{"label": r["runtime"], **{k: r[k] for k in keep if r.get(k) is not None}}
+                                                         for r in rows])
+    record["deploy"] = {"config": asdict(cfg), "eval_scenes": n_eval, "prompts_per_frame": cfg.prompts,
+                        "median_s_is": "one frame: the image encoder and one decoder call for the prompts",
+                        "encoder_s": {r["name"]: r["encoder_s"] for r in rows},
+                        "speedup_vs_reference": {r["name"]: r["speedup"] for r in rows},
+                        "best": {"name": best["name"], "speedup": best["speedup"],
+                                 "miou_drop_points": (ref["miou"] - best["miou"]) * 100},
+                        "run_dir": str(Path(run_dir).resolve())}
+    return record
+
+
+def build_variant(name: str, run_dir: str | Path, cfg: StackConfig = StackConfig(),
+                  image: np.ndarray | None = None, points: np.ndarray | None = None) -> Variant:
+    """Rebuild variant `name` from the files `build_stack` and `export_all` left in `run_dir`
+    (used to measure peak memory in a fresh process)."""
+    run_dir = Path(run_dir)
+    image = scenes.SceneDataset("eval", 1).scene(0).image if image is None else image
+    points = frame_points(cfg.prompts) if points is None else points
+    if name in ORT_VARIANTS:
+        prefix = "student" if name.startswith("student") else "tiny"
+        q = "_int8" if name.endswith("int8") else ""
+        return onnx_variant(name, run_dir / f"{prefix}_encoder{q}.onnx", run_dir / f"{prefix}_decoder{q}.onnx",
+                            image, points, cfg.threads)
+    if name not in PYTORCH_STEPS:
+        raise ValueError(f"unknown variant {name!r}: choose from {', '.join(PYTORCH_STEPS + ORT_VARIANTS)}")
+    tiny = models.load_sam("tiny")
+    if name == "reference":
+        sam, size = tiny, None
+    elif name == "fused":
+        sam, size = fused(tiny, cfg), None
+    elif name.startswith("pruned"):
+        sam = attention.set_attention(pruning.load_pruned(run_dir / "pruned.pt"), cfg.attention)
+        sam, size = quantization.make_variant(sam, cfg.quant) if name.endswith("int8") else (sam, None)
+    else:
+        sam = distillation.deployable(distillation.load_shipped_student(tiny))
+        sam, size = quantization.make_variant(sam, cfg.quant) if name.endswith("int8") else (sam, None)
+    return torch_variant(name, sam, image, points, size)
+
+
+# ================================================================ measuring every variant
+
+def accuracy(variants: Mapping[str, Variant], n_eval: int, reference: str = "reference",
+             progress: bool = True) -> dict[str, dict[str, float]]:
+    """mIoU against ground truth (one point per object, the protocol) and agreement (mIoU with
+    `reference`'s masks for the same prompts) of each variant on the first `n_eval` eval scenes."""
+    ds = scenes.SceneDataset("eval", n_eval)
+    gt: dict[str, list[float]] = {n: [] for n in variants}
+    agree: dict[str, list[float]] = {n: [] for n in variants}
+    for i in tqdm(range(len(ds)), desc="mIoU", disable=not progress, leave=False):
+        s = ds.scene(i)
+        pts = np.array([evaluate.point_prompt(m) for m in s.masks], np.float32)
+        ref = variants[reference].segment(s.image, pts)
+        for name, v in variants.items():
+            pred = ref if name == reference else v.segment(s.image, pts)
+            gt[name] += [evaluate.iou(p, g) for p, g in zip(pred, s.masks)]
+            agree[name] += [evaluate.iou(p, r) for p, r in zip(pred, ref)]
+    return {n: {"miou": float(np.mean(gt[n])), "agreement": float(np.mean(agree[n]))} for n in variants}
+
+
+def peak_memory(names: Sequence[str], run_dir: str | Path, cfg: StackConfig = StackConfig()) -> dict[str, float]:
+    """Peak RSS growth (MB) of rebuilding each variant from `run_dir` and running one frame, one
+    fresh process for all (bench.peak_memory_series): weights, runtime buffers and activations."""
+    setup = ("import warnings\nwarnings.simplefilter('ignore')\nimport torch\n"
+             f"torch.set_num_threads({torch.get_num_threads()})\n"
+             "from edgelab import deploy\n"
+             f"cfg = deploy.StackConfig(**{asdict(cfg)!r})\n")
+    snippets = {n: f"v = deploy.build_variant({n!r}, {str(run_dir)!r}, cfg)\nv.frame()\ndel v\n" for n in names}
+    return bench.peak_memory_series(snippets, setup, timeout=1800)
+
+
+def measure(variants: Mapping[str, Variant], n_eval: int = 30, repeats: int = 20,
+            run_dir: str | Path | None = None, cfg: StackConfig = StackConfig(),
+            progress: bool = True) -> list[dict]:
+    """The stack table: one row per variant with encoder and frame latency (interleaved, one
+    run), size on disk, peak memory (if `run_dir` holds the variants' files), mIoU, agreement."""
+    # blocks of 5 consecutive frames: the steady state of a video stream (bench.compare's number)
+    frames = bench.compare({n: v.frame for n, v in variants.items()}, warmup=2, repeats=repeats, number=5)
+    encoders = bench.compare({n: v.encode for n, v in variants.items()}, warmup=1, repeats=repeats, number=5)
+    acc = accuracy(variants, n_eval, progress=progress) if n_eval else {}
+    mem = peak_memory(list(variants), run_dir, cfg) if run_dir is not None else {}
+    ref = next(iter(variants))
+    rows = []
+    for n, v in variants.items():
+        rows.append({"name": n, "runtime": v.runtime, "encoder_s": encoders[n].median_s,
+                     "median_s": frames[n].median_s, "iqr_s": frames[n].iqr_s,
+                     "speedup": frames[ref].median_s / frames[n].median_s, "size_mb": v.size_mb,
+                     "peak_mem_mb": mem.get(n), **acc.get(n, {})})
+    return rows
+
+
+def prompt_sweep(makers: Mapping[str, Callable[[np.ndarray], Variant]], counts: Sequence[int] = (1, 4, 16),
+                 repeats: int = 10) -> dict[int, dict[str, float]]:
+    """Frame latency against the number of point prompts per frame (section "More prompts per
+    frame"): the decoder runs once per prompt, so its share grows and caps the speed-up."""
+    out = {}
+    for n in counts:
+        pts = frame_points(n)
+        vs = {name: make(pts) for name, make in makers.items()}
+        t = bench.compare({k: v.frame for k, v in vs.items()}, warmup=2, repeats=repeats, number=5)
+        out[n] = {k: t[k].median_s for k in vs}
+    return out
+
+
+def best_deployable(rows: Sequence[dict], reference: str = "reference", slack: float = MIOU_SLACK) -> dict:
+    """The fastest frame whose mIoU is within `slack` of the reference's (the chapter's bar)."""
+    ref = next(r for r in rows if r["name"] == reference)
+    ok = [r for r in rows if r.get("miou") is not None and r["miou"] >= ref["miou"] - slack]
+    return min(ok, key=lambda r: r["median_s"])
+
+
+def stack_table(rows: Sequence[dict]) -> str:
+    """A text table of `measure`'s rows."""
+    head = (f"{'variant':18s} {'runtime':12s} {'encoder ms':>10s} {'frame ms':>9s} {'speed-up':>8s} "
+            f"{'size MB':>8s} {'peak MB':>8s} {'mIoU':>6s} {'agree':>6s}")
+    lines = [head]
+    for r in rows:
+        mem = f"{r['peak_mem_mb']:8.1f}" if r.get("peak_mem_mb") is not None else f"{'-':>8s}"
+        acc = f"{r['miou']:6.3f} {r['agreement']:6.3f}" if "miou" in r else f"{'-':>6s} {'-':>6s}"
+        lines.append(f"{r['name']:18s} {r['runtime']:12s} {r['encoder_s'] * 1e3:10.2f} {r['median_s'] * 1e3:9.2f} "
+                     f"{r['speedup']:7.2f}x {r['size_mb']:8.2f} {mem} {acc}")
+    return "\n".join(lines)
+
+
+# ================================================================ choosing under a budget
+
+def choose(rows: Sequence[dict], budget_s: float, latency: Mapping[str, float] | None = None) -> dict | None:
+    """The most accurate variant whose frame fits `budget_s` (section "Choosing under a budget").
+
+    `latency` overrides the rows' measured `median_s` (e.g. re-measured on a busier machine).
+    Ties in mIoU go to the faster. None when nothing fits.
+    """
+    lat = {r["name"]: (latency or {}).get(r["name"], r["median_s"]) for r in rows}
+    fits = [r for r in rows if lat[r["name"]] <= budget_s and r.get("miou") is not None]
+    return max(fits, key=lambda r: (r["miou"], -lat[r["name"]])) if fits else None
+
+
+def budget_table(rows: Sequence[dict], budgets_s: Iterable[float],
+                 latency: Mapping[str, float] | None = None) -> list[dict]:
+    """For each budget: the chosen variant, its latency and the mIoU paid against the best row."""
+    best = max(r["miou"] for r in rows if r.get("miou") is not None)
+    out = []
+    for b in budgets_s:
+        c = choose(rows, b, latency)
+        lat = None if c is None else (latency or {}).get(c["name"], c["median_s"])
+        out.append({"budget_s": b, "choice": None if c is None else c["name"], "median_s": lat,
+                    "miou": None if c is None else c["miou"], "paid": None if c is None else best - c["miou"]})
+    return out
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        pass
+
+
+@contextmanager
+def busy(workers: int) -> Iterator[None]:
+    """`workers` processes that keep a core each busy: the machine gets busier."""
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    procs = [ctx.Process(target=_spin, args=(stop,), daemon=True) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    time.sleep(0.3 if workers else 0)
+    try:
+        yield
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+
+
+def drift(variants: Mapping[str, Variant], loads: Sequence[int] = (0, 1), repeats: int = 10) -> dict[int, dict[str, float]]:
+    """Frame latency of each variant re-measured with 0, 1, ... busy processes beside it."""
+    out = {}
+    for w in loads:
+        with busy(w):
+            t = bench.compare({n: v.frame for n, v in variants.items()}, warmup=1, repeats=repeats, number=5)
+        out[w] = {n: t[n].median_s for n in variants}
+    return out
+
+
+# ================================================================ FLOPs vs runtime by layer kind
+
+LAYER_KINDS = {"convolutions": ("conv/patch embed",), "attention": ("attention matmuls", "softmax", "rel-pos bias"),
+               "Linear": ("Linear/MLP",), "norms": ("norms",), "other": ("other",)}
+
+
+def _by_kind(values: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(sum(values.get(c, 0) for c in cats)) for k, cats in LAYER_KINDS.items()}
+
+
+def layer_kinds(variants: Mapping[str, Variant], points: np.ndarray, image: np.ndarray,
+                repeats: int = 3) -> dict[str, dict[str, dict[str, float]]]:
+    """Time share (torch.profiler, median of `repeats`) and FLOPs share (flop_counter) of one
+    frame by layer kind, for each PyTorch FP32 variant (section "Where FLOPs mislead")."""
+    out = {}
+    for name, v in variants.items():
+        if v.sam is None or any(p.dtype != torch.float32 for p in v.sam.parameters()) or "int8" in name:
+            continue
+        frame = Frame(v.sam, points)
+        x = torch_input(v.sam, image)
+        with torch.inference_mode():
+            runs = [attention.profile_categories(frame, x)[0] for _ in range(repeats)]
+        seconds = {c: float(np.median([r[c] for r in runs])) for c in attention.CATEGORIES}
+        out[name] = {"time": _by_kind(seconds), "flops": _by_kind(attention.flop_categories(frame, x, fake=False))}
+    return out
+
+
+# ================================================================ the poster's initial-vs-final table
+
+def initial_final(names: Sequence[str] = ("vit_b",), img_size: int = 1024, batch: int = 1,
+                  repeats: int = 2, final_attention: str = "fused", final_quant: str = "w8a8_fbgemm",
+                  progress: bool = True) -> list[dict]:
+    """SAM's encoder as shipped (initial) against our stack (final: chapter 01's attention and
+    chapter 03's INT8), random weights, timing only (section "The poster's table")."""
+    rows = []
+    for name in tqdm(names, desc="initial vs final", disable=not progress, leave=False):
+        sam = attention.timing_model(name, img_size)
+        final, _ = quantization.make_variant(attention.set_attention(copy.deepcopy(sam), final_attention), final_quant)
+        x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+        outs = {}
+
+        def run(m, key):
+            def fn():
+                with torch.inference_mode():
+                    outs[key] = m.image_encoder(x)
+            return fn
+
+        t = bench.compare({"initial": run(sam, "initial"), "final": run(final, "final")}, warmup=1, repeats=repeats)
+        err = attention.output_error(outs["final"].float(), outs["initial"].float())
+        rows.append({"model": name, "params": models.count_params(sam.image_encoder), "img_size": img_size,
+                     "batch": batch, "initial_s": t["initial"].median_s / batch, "final_s": t["final"].median_s / batch,
+                     "rel_err": err["rel_err"], "weights": "random"})
+        del sam, final
+    return rows
