@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import multiprocessing as mp
-import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -160,8 +159,6 @@ def onnx_variant(name: str, encoder: str | Path, decoder: str | Path, image: np.
     pred = EdgePredictor(str(encoder), str(decoder), threads or torch.get_num_threads())
     x = pred.preprocess(image)
     pred.set_image(image)
-    coords = np.asarray(points, np.float32)[:, None, :]
-    labels = np.ones(coords.shape[:2], np.float32)
 
     def run_frame():  # the same work as Frame: encoder, decoder, best masks at the input size
         pred.embedding = pred.encoder.run(None, {"image": x})[0]
