@@ -1,6 +1,7 @@
 """`edgelab <verb>`: drive the workbook without Jupyter (the guide's command-line contract).
 
-Verbs: run, eval, bench encoder|prune|quant|distill|deploy, distill, train-tiny, report. `--json` prints one JSON object on stdout.
+Verbs: eval, bench encoder|prune|quant|distill|deploy, distill, train-tiny, run, sweep, report,
+student, grade. `--json` prints one JSON object on stdout.
 Bad input exits 2 with one line on stderr, never a traceback.
 """
 from __future__ import annotations
@@ -280,13 +281,54 @@ def cmd_run(args) -> dict:
                                 params=dict(args.param or []))
 
 
+def _grid(params: list[list[str]] | None) -> dict[str, list[str]]:
+    grid = {}
+    for name, *values in params or []:
+        if not values:
+            raise UsageError(f"-p {name} needs at least one value")
+        grid[name] = values
+    return grid
+
+
+def cmd_sweep(args) -> dict:
+    from . import runner
+    return runner.sweep(args.notebook, _grid(args.param), jobs=args.jobs, out=args.out, profile=args.profile)
+
+
 def cmd_report(args) -> dict:
     from . import records
-    rows = records.gather(args.run_dirs)
-    if not rows:
-        raise UsageError(f"no results records under {', '.join(args.run_dirs)}")
+    res = records.write_report(args.run_dirs, args.out or args.run_dirs[0])
     if not args.json:
-        print(records.markdown_table(rows))
+        print(res["markdown"])
+        print("wrote " + ", ".join(res["files"]), file=sys.stderr)
+    return {k: res[k] for k in ("rows", "failures", "machines", "files")}
+
+
+def cmd_student(args) -> dict:
+    from . import course
+    written = course.build_student(args.out_dir, only=args.only)
+    for path, found in written:
+        print(f"{path}  {len(found)} exercises: {', '.join(e.name for e in found)}", file=sys.stderr)
+    out = {"notebooks": [{"path": str(p), "exercises": [e.name for e in f]} for p, f in written]}
+    if args.prove:
+        rows = course.prove(only=args.only, progress=not args.json)
+        out["proof"] = rows
+        out["failed"] = [f"{r['notebook']}/{r['exercise']}" for r in rows if not (r["stub_ok"] and r["solution_ok"])]
+    return out
+
+
+def cmd_grade(args) -> dict:
+    from . import course, records
+    rows = course.grade(args.submissions)
+    if args.csv:
+        import csv
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["submission", "notebook", "exercise", "passed", "message"])
+            w.writeheader()
+            w.writerows(rows)
+    if not args.json:
+        print(records.markdown_table(rows, ("submission", "exercise", "passed", "message")))
+        print(f"{sum(r['passed'] for r in rows)} of {len(rows)} exercises pass", file=sys.stderr)
     return {"rows": rows}
 
 
@@ -391,14 +433,40 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", choices=["quick", "full"], default="quick")
     r.add_argument("--out", default=None, help="run folder (default runs/<profile>-<time>)")
     r.add_argument("--only", nargs="+", help="notebook names (or prefixes like 00)")
-    r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"))
+    r.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="set a parameter of the notebooks (a Python literal, else a string)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_run)
 
-    rep = sub.add_parser("report", help="gather results records into one table")
+    sw = sub.add_parser("sweep", help="run one notebook over a parameter grid in parallel processes")
+    sw.add_argument("notebook", help="notebook name or prefix, e.g. 02")
+    sw.add_argument("-p", "--param", nargs="+", action="append", metavar="NAME V1",
+                    help="NAME V1 [V2 ...]: values of one parameter (repeat -p for a grid)")
+    sw.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own process")
+    sw.add_argument("--profile", choices=["quick", "full"], default="quick")
+    sw.add_argument("--out", default=None, help="sweep folder (default runs/sweep-<nb>-<time>)")
+    sw.add_argument("--json", action="store_true")
+    sw.set_defaults(fn=cmd_sweep)
+
+    rep = sub.add_parser("report", help="gather results records into one table (Markdown, CSV, HTML) and a plot")
     rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", help="folder for report.md/.csv/.html and latency_miou.png (default: the first run folder)")
     rep.add_argument("--json", action="store_true")
     rep.set_defaults(fn=cmd_report)
+
+    st = sub.add_parser("student", help="write the student notebooks (solutions stubbed, outputs cleared)")
+    st.add_argument("out_dir")
+    st.add_argument("--only", nargs="+", help="notebook names (or prefixes like 00)")
+    st.add_argument("--prove", action="store_true",
+                    help="also prove that every check fails on its stub with a hint and passes on the solution")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_student)
+
+    g = sub.add_parser("grade", help="run the exercises of submitted notebooks, one row per exercise")
+    g.add_argument("submissions", nargs="+", help="notebooks, or folders of them (one folder per student)")
+    g.add_argument("--csv", help="also write the rows to this CSV file")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(fn=cmd_grade)
     return p
 
 
@@ -420,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if getattr(args, "json", False):
         print(json.dumps(out))
-    elif out is not None and args.verb != "report":
+    elif out is not None and args.verb not in ("report", "run", "sweep", "student", "grade"):
         print(json.dumps(out, indent=1))
     return 0 if not (isinstance(out, dict) and out.get("failed")) else 1
 

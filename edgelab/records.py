@@ -6,6 +6,7 @@ variant, params, MACs, size on disk, latency median/spread, peak memory, mIoU, m
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 from pathlib import Path
@@ -30,21 +31,50 @@ def write_records(results_dir: str | Path, chapter: str, rows: Iterable[dict], m
     return path
 
 
-def gather(run_dirs: Iterable[str | Path]) -> list[dict]:
-    """Every row of every `*.json` record under the given run folders, in name order."""
+def _run_root(record: Path, top: Path) -> Path:
+    """The run a record belongs to: the nearest folder above it with a params.json (a sweep point), else `top`."""
+    for d in record.parents:
+        if (d / "params.json").exists():
+            return d
+        if d == top:
+            break
+    return top
+
+
+def gather(run_dirs: Iterable[str | Path], machines: dict | None = None) -> list[dict]:
+    """Every row of every `*.json` record under the given run folders, in name order.
+
+    Each row gains `run`: the sweep point's folder name (with its parameters under `params`), or
+    the run folder's name. `machines`, if given, collects {run: machine} from the records.
+    """
     rows: list[dict] = []
-    for d in run_dirs:
-        d = Path(d)
+    for d in map(Path, run_dirs):
         if not d.exists():
             raise FileNotFoundError(f"run folder not found: {d}")
         for p in sorted(d.rglob("*.json")):
             try:
                 data = json.loads(p.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue
-            if isinstance(data, dict) and isinstance(data.get("rows"), list) and "chapter" in data:
-                rows += data["rows"]
+            if not (isinstance(data, dict) and isinstance(data.get("rows"), list) and "chapter" in data):
+                continue
+            root = _run_root(p, d)
+            params = json.loads((root / "params.json").read_text()) if (root / "params.json").exists() else None
+            run = root.name if root == d else f"{d.name}/{root.relative_to(d)}"
+            if machines is not None:
+                machines.setdefault(run, data.get("machine"))
+            rows += [dict(r, run=run, **({"params": params} if params else {})) for r in data["rows"]]
     return rows
+
+
+def failures(run_dirs: Iterable[str | Path]) -> list[dict]:
+    """Notebooks that failed, from the `summary.json` that `edgelab run` and `sweep` leave in a run."""
+    out = []
+    for d in map(Path, run_dirs):
+        for p in sorted(d.rglob("summary.json")):
+            data = json.loads(p.read_text())
+            out += [dict(n, run=str(p.parent)) for n in data.get("notebooks", []) if not n.get("ok")]
+    return out
 
 
 def _fmt(v) -> str:
@@ -57,17 +87,77 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _columns(rows: list[dict], columns: Iterable[str]) -> list[str]:
+    """The columns some row has; `run` only when the rows come from more than one run."""
+    several = len({r.get("run") for r in rows}) > 1
+    return [c for c in (("run",) if several else ()) + tuple(columns) if any(r.get(c) is not None for r in rows)]
+
+
 def markdown_table(rows: list[dict], columns: Iterable[str] = COLUMNS) -> str:
     """Rows as a Markdown table, keeping only the columns some row has."""
-    cols = [c for c in columns if any(r.get(c) is not None for r in rows)]
+    cols = _columns(rows, columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def csv_table(rows: list[dict], columns: Iterable[str] = COLUMNS) -> str:
+    """Rows as CSV with every column (and `run`), full precision."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=["run", *columns], extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
+
+
+def html_table(rows: list[dict], columns: Iterable[str] = COLUMNS) -> str:
+    """Rows as an HTML table (same columns and formatting as the Markdown one)."""
+    cols = _columns(rows, columns)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
+    return f"<table>\n<tr>{head}</tr>\n{body}\n</table>"
+
+
+def _machine_line(machine: dict | None) -> str:
+    if not machine:
+        return "unknown machine"
+    keys = ("cpu", "cpu_capability", "threads", "gpu", "torch", "python", "platform")
+    return ", ".join(f"{k} {machine[k]}" for k in keys if machine.get(k) is not None) or json.dumps(machine)
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
+    """`edgelab report`: report.md, report.csv, report.html and latency_miou.png in `out_dir`.
+
+    Returns {rows, failures, machines, files}. The Markdown names the machine of every run and
+    the notebooks that failed; the plot has one panel per chapter (each chapter times its own thing).
+    """
+    from . import viz
+    machines: dict = {}
+    rows = gather(run_dirs, machines)
+    if not rows:
+        raise ValueError(f"no results records under {', '.join(map(str, run_dirs))}")
+    failed = failures(run_dirs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = viz.latency_miou_panels(rows)
+    fig.savefig(out / "latency_miou.png", bbox_inches="tight")
+    machine_md = "\n".join(f"- `{run}`: {_machine_line(m)}" for run, m in machines.items())
+    fail_md = "\n".join(f"- `{f['run']}` {f['name']}: {f.get('error')}" for f in failed) or "- none"
+    md = (f"{markdown_table(rows)}\n\nMachines:\n{machine_md}\n\nFailed notebooks:\n{fail_md}\n\n"
+          "![latency vs mIoU](latency_miou.png)\n")
+    (out / "report.md").write_text(md)
+    (out / "report.csv").write_text(csv_table(rows))
+    (out / "report.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>edgelab report</title>\n"
+        f"<style>td,th{{padding:2px 8px;font:13px sans-serif}}tr:nth-child(even){{background:#f3f3f3}}</style>\n"
+        f"{html_table(rows)}\n<h3>Machines</h3><ul>"
+        + "".join(f"<li>{html.escape(run)}: {html.escape(_machine_line(m))}</li>" for run, m in machines.items())
+        + "</ul><h3>Failed notebooks</h3><ul>"
+        + ("".join(f"<li>{html.escape(f['run'])} {html.escape(f['name'])}: {html.escape(str(f.get('error')))}</li>"
+                   for f in failed) or "<li>none</li>")
+        + "</ul>\n<img src='latency_miou.png' alt='latency vs mIoU'>\n")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    files = [str(out / n) for n in ("report.md", "report.csv", "report.html", "latency_miou.png")]
+    return {"rows": rows, "failures": failed, "machines": machines, "files": files, "markdown": md}

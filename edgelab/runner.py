@@ -1,4 +1,4 @@
-"""`edgelab run`: execute the notebooks with papermill into a run folder, never into notebooks/.
+"""`edgelab run` and `edgelab sweep`: execute notebooks with papermill into run folders, never into notebooks/.
 
 Each notebook's `parameters` cell holds the quick profile; a trailing `# full: VALUE` comment on a
 line names that parameter's full-profile value, which `--profile full` injects.
@@ -19,12 +19,23 @@ _FULL = re.compile(r"^\s*(\w+)\s*=.*#\s*full:\s*(.+?)\s*$")
 
 
 def notebooks(only: list[str] | None = None) -> list[Path]:
-    """The chapter notebooks in order, or those whose name starts with one of `only`."""
+    """The chapter notebooks in order, or those whose name starts with one of `only`.
+
+    An entry of `only` that is the path of an existing .ipynb file is taken as it is (a notebook
+    of your own with a `parameters` cell).
+    """
     found = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
     if not only:
         return found
-    picked = [p for p in found if any(p.stem.startswith(o.removesuffix(".ipynb")) for o in only)]
-    missing = [o for o in only if not any(p.stem.startswith(o.removesuffix(".ipynb")) for p in found)]
+    picked, missing = [], []
+    for o in only:
+        if o.endswith(".ipynb") and Path(o).is_file():
+            picked.append(Path(o).resolve())
+            continue
+        hits = [p for p in found if p.stem.startswith(o.removesuffix(".ipynb"))]
+        picked += [p for p in hits if p not in picked]
+        if not hits:
+            missing.append(o)
     if missing:
         raise ValueError(f"no notebook named {', '.join(missing)} in {NOTEBOOKS_DIR}")
     return picked
@@ -52,6 +63,20 @@ def profile_params(path: Path, profile: str) -> dict:
     return out
 
 
+def parameter_names(path: Path) -> list[str]:
+    """The names the parameters cell assigns (what `-p NAME VALUE` may set)."""
+    tree = ast.parse(parameters_cell(path))
+    return [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)]
+
+
+def _check_names(nbs: list[Path], names) -> None:
+    known = {n for nb in nbs for n in parameter_names(nb)}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"no parameter {', '.join(unknown)} in {', '.join(nb.stem for nb in nbs)} "
+                         f"(parameters: {', '.join(sorted(known))})")
+
+
 def _coerce(value: str):
     try:
         return ast.literal_eval(value)
@@ -59,38 +84,131 @@ def _coerce(value: str):
         return value
 
 
+def _out_dir(out: str | Path | None, default: str) -> Path:
+    out = Path(out or default).resolve()
+    if out == NOTEBOOKS_DIR or NOTEBOOKS_DIR in out.parents:
+        raise ValueError("the run folder must be outside notebooks/: sources are never written to")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def execute(nb: Path, out_nb: Path, params: dict) -> str | None:
+    """Run one notebook with papermill into `out_nb`; None on success, else the error's last line."""
+    import papermill as pm
+    try:
+        pm.execute_notebook(str(nb), str(out_nb), parameters=params, cwd=str(nb.parent),
+                            progress_bar=False, kernel_name="python3", language="python")
+    except Exception as e:  # a failed notebook is reported; the others still run
+        text = str(e).strip()
+        return text.splitlines()[-1][:300] if text else type(e).__name__
+    return None
+
+
+def _say(line: str, progress: bool) -> None:
+    if progress:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _finish(out: Path, summary: list[dict], progress: bool, extra: dict | None = None) -> dict:
+    """Write summary.json, print the failures and the results table; the run's summary dict."""
+    failed = [s for s in summary if not s["ok"]]
+    (out / "summary.json").write_text(json.dumps({"notebooks": summary, **(extra or {})}, indent=1))
+    rows = records.gather([out]) if any(out.rglob("results/*.json")) else []
+    table = records.markdown_table(rows) if rows else "(no results records)"
+    _say(table, progress)
+    _say(f"{len(summary) - len(failed)} of {len(summary)} succeeded"
+         + "".join(f"\nFAILED {s['name']}: {s['error']}  (see {s['notebook']})" for s in failed), progress)
+    return {"out": str(out), "notebooks": summary, "failed": [s["name"] for s in failed], "table": table}
+
+
 def run_notebooks(out: str | Path | None = None, profile: str = "quick", only: list[str] | None = None,
                   params: dict | None = None, progress: bool = True) -> dict:
     """Execute notebooks into `out` (default runs/<profile>-<time>); print a line per notebook.
 
     Every notebook gets `results_dir` = out/results, plus the profile's and the user's parameters.
-    Returns a summary: {out, notebooks: [{name, ok, seconds, error}], failed, table}.
+    Returns a summary: {out, notebooks: [{name, ok, seconds, error, notebook}], failed, table}.
     """
-    import papermill as pm
-
-    out = Path(out or f"runs/{profile}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    if out == NOTEBOOKS_DIR or NOTEBOOKS_DIR in out.parents:
-        raise ValueError("the run folder must be outside notebooks/: sources are never written to")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_dir(out, f"runs/{profile}-{time.strftime('%Y%m%d-%H%M%S')}")
+    nbs = notebooks(only)
     user = {k: _coerce(v) if isinstance(v, str) else v for k, v in (params or {}).items()}
+    _check_names(nbs, user)
     summary = []
-    for nb in notebooks(only):
-        p = {**profile_params(nb, profile), **user, "results_dir": str(out / "results")}
+    for i, nb in enumerate(nbs, 1):
+        known = parameter_names(nb)
+        p = {**profile_params(nb, profile), **{k: v for k, v in user.items() if k in known},
+             "results_dir": str(out / "results")}
+        _say(f"[{i}/{len(nbs)}] {nb.stem} ...", progress)
         t0 = time.time()
-        err = None
-        try:
-            pm.execute_notebook(str(nb), str(out / nb.name), parameters=p, cwd=str(nb.parent),
-                                progress_bar=False, kernel_name="python3")
-        except Exception as e:  # a failed notebook is reported; the others still run
-            err = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+        err = execute(nb, out / nb.name, p)
         dt = time.time() - t0
-        summary.append({"name": nb.stem, "ok": err is None, "seconds": round(dt, 1), "error": err})
-        if progress:
-            print(f"{'ok  ' if err is None else 'FAIL'} {nb.stem}  {dt:6.1f} s" + (f"  {err}" if err else ""),
-                  file=sys.stderr, flush=True)
-    rows = records.gather([out / "results"]) if (out / "results").exists() else []
-    table = records.markdown_table(rows) if rows else "(no results records)"
-    if progress:
-        print(table, file=sys.stderr)
-    return {"out": str(out), "notebooks": summary, "failed": [s["name"] for s in summary if not s["ok"]],
-            "table": table}
+        summary.append({"name": nb.stem, "ok": err is None, "seconds": round(dt, 1), "error": err,
+                        "notebook": str(out / nb.name)})
+        _say(f"{'ok  ' if err is None else 'FAIL'} {nb.stem}  {dt:6.1f} s" + (f"  {err}" if err else ""), progress)
+    return _finish(out, summary, progress, {"profile": profile, "params": user})
+
+
+def _label(point: dict) -> str:
+    """A sweep point's folder name: name=value pairs, safe for a file system."""
+    text = ",".join(f"{k}={v}" for k, v in point.items())
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "", text.replace(" ", ""))[:120] or "point"
+
+
+def _sweep_point(nb: str, point_dir: str, params: dict, threads: int) -> tuple[str | None, float]:
+    """One sweep point in its own process (its kernel gets `threads` threads)."""
+    import os
+    os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t0 = time.time()
+    err = execute(Path(nb), Path(point_dir) / Path(nb).name, params)
+    return err, time.time() - t0
+
+
+def sweep(notebook: str, grid: dict[str, list], jobs: int = 1, out: str | Path | None = None,
+          profile: str = "quick", progress: bool = True) -> dict:
+    """`edgelab sweep`: one notebook over the product of the `grid` values, `jobs` points at a time.
+
+    Each point runs in its own process into out/<name=value,...>/ (its notebook, results/ and
+    params.json); a failing point is reported and the others still finish. Each kernel gets
+    cores // jobs threads, so the points don't fight over cores (timings in a parallel sweep
+    still share the machine: compare latencies within a point, not across points).
+    """
+    import itertools
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    found = notebooks([notebook])
+    if len(found) != 1:
+        raise ValueError(f"{notebook!r} names several notebooks: give one")
+    nb = found[0]
+    if not grid or any(not v for v in grid.values()):
+        raise ValueError("a sweep needs at least one -p NAME V1 [V2 ...] with values")
+    if jobs < 1:
+        raise ValueError("--jobs must be at least 1")
+    _check_names([nb], grid)
+    values = {k: [_coerce(v) if isinstance(v, str) else v for v in vs] for k, vs in grid.items()}
+    points = [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
+    out = _out_dir(out, f"runs/sweep-{nb.stem[:2]}-{time.strftime('%Y%m%d-%H%M%S')}")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    _say(f"sweep {nb.stem}: {len(points)} points, {jobs} at a time, {threads} thread(s) each -> {out}", progress)
+    summary = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = {}
+        for point in points:
+            point_dir = out / _label(point)
+            point_dir.mkdir(parents=True, exist_ok=True)
+            (point_dir / "params.json").write_text(json.dumps(point))
+            params = {**profile_params(nb, profile), **point, "results_dir": str(point_dir / "results")}
+            futures[pool.submit(_sweep_point, str(nb), str(point_dir), params, threads)] = (point, point_dir)
+        for done, fut in enumerate(as_completed(futures), 1):
+            point, point_dir = futures[fut]
+            try:
+                err, dt = fut.result()
+            except Exception as e:  # the worker process itself died
+                err, dt = f"{type(e).__name__}: {e}", float("nan")
+            summary.append({"name": point_dir.name, "params": point, "ok": err is None, "seconds": round(dt, 1),
+                            "error": err, "notebook": str(point_dir / nb.name)})
+            _say(f"[{done}/{len(points)}] {'ok  ' if err is None else 'FAIL'} {point_dir.name}  {dt:6.1f} s"
+                 + (f"  {err}" if err else ""), progress)
+    summary.sort(key=lambda s: s["name"])
+    return _finish(out, summary, progress, {"notebook": nb.stem, "profile": profile, "grid": values,
+                                            "jobs": jobs, "threads": threads})

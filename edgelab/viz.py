@@ -62,3 +62,43 @@ def latency_miou(rows: Sequence[dict], ax=None, title: str = "latency vs mIoU") 
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     return ax
+
+
+def latency_miou_panels(rows: Sequence[dict], cols: int = 3) -> plt.Figure:
+    """`edgelab report`'s plot: latency (log x) against mIoU, one panel per chapter.
+
+    Only rows with both a latency and an mIoU (trained weights) appear; each chapter times its
+    own thing (encoder, frame), so chapters get their own panels. Several runs (a sweep) are
+    told apart by marker colour and a legend.
+    """
+    chapters = sorted({r["chapter"] for r in rows if r.get("median_s") and r.get("miou") is not None})
+    if not chapters:
+        fig = plt.figure(figsize=(5, 1.2))
+        fig.text(0.5, 0.5, "no row has both a latency and an mIoU", ha="center", va="center")
+        return fig
+    runs = sorted({r.get("run") for r in rows})
+    colours = {run: plt.cm.tab10(i % 10) for i, run in enumerate(runs)}
+    n_cols = min(cols, len(chapters))
+    n_rows = -(-len(chapters) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.6 * n_cols, 3.6 * n_rows), squeeze=False)
+    for ax, chapter in zip(axes.flat, chapters):
+        for r in rows:
+            if r["chapter"] != chapter or not r.get("median_s") or r.get("miou") is None:
+                continue
+            ax.scatter(r["median_s"] * 1e3, r["miou"], s=28, color=colours[r.get("run")],
+                       label=r.get("run") if len(runs) > 1 else None)
+            ax.annotate(str(r.get("variant", "")), (r["median_s"] * 1e3, r["miou"]), fontsize=7,
+                        xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_title(chapter, fontsize=9)
+        ax.set_xlabel("latency, ms (median, log scale)", fontsize=8)
+        ax.set_ylabel("mIoU", fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        if len(runs) > 1:
+            handles, labels = ax.get_legend_handles_labels()
+            seen = dict(zip(labels, handles))
+            ax.legend(seen.values(), seen.keys(), fontsize=6)
+    for ax in list(axes.flat)[len(chapters):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,6 +1,5 @@
 """`edgelab run` and `report`: profiles from the parameters cell, run folders outside notebooks/."""
 import json
-from pathlib import Path
 
 import pytest
 
@@ -35,6 +34,57 @@ def test_records_round_trip_and_refuse_random_accuracy(tmp_path):
     rows = records.gather([tmp_path])
     assert rows[0]["chapter"] == "00_x" and rows[0]["miou"] == 0.5
     assert "| chapter |" in records.markdown_table(rows)
-    assert records.csv_table(rows).startswith("chapter,")
+    assert records.csv_table(rows).startswith("run,chapter,")
     with pytest.raises(ValueError, match="random"):
         records.write_records(tmp_path, "00_y", [dict(row, weights="random")], {})
+
+
+def _demo_notebook(path):
+    """A notebook with a parameter x: it fails for x == 2, else writes a results record."""
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('x = 1  # full: 10\nresults_dir = "results"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "from edgelab import records\n"
+        "if x == 2:\n    raise RuntimeError('x must not be 2')\n"
+        "records.write_records(results_dir, '99_demo', [{'model': 'tiny', 'weights': 'trained', "
+        "'variant': f'x{x}', 'median_s': 0.01 * x, 'miou': 0.5 + 0.01 * x}], {'cpu': 'test cpu', 'threads': 1})")]
+    nbformat.write(nb, path)
+    return path
+
+
+def test_sweep_runs_points_in_parallel_reports_a_failure_and_the_report_gathers_the_rest(tmp_path, capsys):
+    from edgelab import cli
+    nb = _demo_notebook(tmp_path / "demo.ipynb")
+    source = nb.read_bytes()
+    code = cli.main(["sweep", str(nb), "-p", "x", "1", "2", "3", "--jobs", "2", "--out", str(tmp_path / "sw"),
+                     "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 1 and out["failed"] == ["x=2"]
+    assert [n["ok"] for n in out["notebooks"]] == [True, False, True]
+    assert "x must not be 2" in out["notebooks"][1]["error"]
+    assert json.loads((tmp_path / "sw" / "x=3" / "params.json").read_text()) == {"x": 3}
+    assert nb.read_bytes() == source, "the sweep wrote into its source notebook"
+
+    assert cli.main(["report", str(tmp_path / "sw"), "--out", str(tmp_path / "rep"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert sorted(r["variant"] for r in rep["rows"]) == ["x1", "x3"]
+    assert {r["run"] for r in rep["rows"]} == {"sw/x=1", "sw/x=3"}
+    assert [f["name"] for f in rep["failures"]] == ["x=2"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| run |" in md and "sw/x=3" in md and "test cpu" in md and "x must not be 2" in md
+    assert (tmp_path / "rep" / "report.csv").read_text().startswith("run,chapter,")
+    assert "<table>" in (tmp_path / "rep" / "report.html").read_text()
+    assert (tmp_path / "rep" / "latency_miou.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_and_sweep_refuse_unknown_parameters_and_empty_grids(tmp_path, capsys):
+    from edgelab import cli
+    nb = _demo_notebook(tmp_path / "demo.ipynb")
+    assert cli.main(["sweep", str(nb), "-p", "y", "1", "2", "--out", str(tmp_path / "a")]) == 2
+    assert "no parameter y" in capsys.readouterr().err
+    assert cli.main(["sweep", str(nb), "-p", "x", "--out", str(tmp_path / "b")]) == 2
+    assert cli.main(["run", "--only", "00", "-p", "n_evall", "3", "--out", str(tmp_path / "c")]) == 2
+    assert "no parameter n_evall" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path / "b")]) == 2
