@@ -84,3 +84,11 @@ def make_image_folder(tmp_path) -> Callable[..., Path]:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The browser and Binder checks run last, while their installs start now in the background."""
+    import prepare  # tests/ is on sys.path (pytest puts a conftest folder there)
+    slow = [i for i in items if getattr(i, "module", None) and i.module.__name__.split(".")[-1] in prepare.SLOW]
+    items[:] = [i for i in items if i not in slow] + slow
+    prepare.begin({i.module.__name__.split(".")[-1] for i in slow})

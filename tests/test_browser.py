@@ -4,8 +4,8 @@ The test starts JupyterLab on localhost over a copy of chapter 03's widget cells
 are never opened by the server), opens it in Debian's Chromium driven by Playwright, runs the
 cells, changes the controls (a click on "symmetric", the arrow key on the "bits" slider) and waits
 for the figure to be redrawn each time. Screenshots go to test-artifacts/browser/ (or
-$EDGELAB_ARTIFACTS). It installs Chromium with apt-get when it can; it is skipped, with the
-reason, only where no browser can be installed.
+$EDGELAB_ARTIFACTS). Chromium is installed with apt-get in the background when missing
+(tests/prepare.py); the test is skipped, with the reason, only where no browser can be installed.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import nbformat
+import prepare
 import pytest
 
 from edgelab import runner
@@ -32,20 +33,17 @@ WIDGET_CELLS = ("# Parameters", "import logging", "# NBVAL_CHECK_OUTPUT\nw = ", 
 
 
 def _chromium() -> str:
-    """Debian's Chromium: found on PATH, else installed with apt-get; skip (with why) when neither works."""
-    for name in ("chromium", "chromium-browser"):
-        if shutil.which(name):
-            return shutil.which(name)
-    if not shutil.which("apt-get"):
-        pytest.skip("no Chromium on this machine and no apt-get to install Debian's")
-    if os.geteuid() != 0:
-        pytest.skip("no Chromium on this machine, and installing Debian's needs root")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if res.returncode != 0:
-            pytest.skip(f"Chromium could not be installed ({' '.join(cmd)}: {res.stderr.strip()[-200:]})")
-    return shutil.which("chromium") or pytest.skip("apt-get installed chromium but it is not on PATH")
+    """Debian's Chromium: on PATH, or installed by the background job conftest.py started; else skip."""
+    cmd = prepare.chromium_install_command()
+    if isinstance(cmd, str):
+        pytest.skip(cmd)
+    if cmd is not None:
+        prepare.begin({"test_browser"})  # a run that collected only this test still installs it
+        rc, log, _ = prepare.wait("chromium")
+        if rc != 0:
+            pytest.skip(f"Chromium could not be installed with apt-get: {log.strip()[-300:]}")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    return path or pytest.skip("apt-get installed chromium but it is not on PATH")
 
 
 def _widget_notebook(folder: Path) -> Path:
