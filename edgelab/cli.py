@@ -297,11 +297,14 @@ def cmd_sweep(args) -> dict:
 
 def cmd_report(args) -> dict:
     from . import records
-    res = records.write_report(args.run_dirs, args.out or args.run_dirs[0])
+    out_dir = args.out or args.run_dirs[0]
+    res = records.write_report(args.run_dirs, out_dir)
+    if args.readme:
+        records.update_readme(args.readme, res, out_dir)
     if not args.json:
         print(res["markdown"])
         print("wrote " + ", ".join(res["files"]), file=sys.stderr)
-    return {k: res[k] for k in ("rows", "failures", "machines", "files")}
+    return {k: res[k] for k in ("rows", "failures", "machines", "profiles", "files")}
 
 
 def cmd_student(args) -> dict:
@@ -451,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="gather results records into one table (Markdown, CSV, HTML) and a plot")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out", help="folder for report.md/.csv/.html and latency_miou.png (default: the first run folder)")
+    rep.add_argument("--readme", help="also rewrite this README's results section (between its markers)")
     rep.add_argument("--json", action="store_true")
     rep.set_defaults(fn=cmd_report)
 

@@ -92,16 +92,49 @@ def _out_dir(out: str | Path | None, default: str) -> Path:
     return out
 
 
-def execute(nb: Path, out_nb: Path, params: dict) -> str | None:
-    """Run one notebook with papermill into `out_nb`; None on success, else the error's last line."""
+class PeakMemory:
+    """Peak of the summed resident memory of this process's children (the kernel and whatever it
+    starts), sampled every `interval` seconds in a thread: what a memory limit such as Binder's
+    2 GB sees of a notebook."""
+
+    def __init__(self, interval: float = 0.5):
+        import threading
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+        me = psutil.Process()
+        while not self._stop.wait(self.interval):
+            total = 0
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def execute(nb: Path, out_nb: Path, params: dict) -> tuple[str | None, float]:
+    """Run one notebook with papermill into `out_nb`: (None or the error's last line, peak memory MB)."""
     import papermill as pm
-    try:
-        pm.execute_notebook(str(nb), str(out_nb), parameters=params, cwd=str(nb.parent),
-                            progress_bar=False, kernel_name="python3", language="python")
-    except Exception as e:  # a failed notebook is reported; the others still run
-        text = str(e).strip()
-        return text.splitlines()[-1][:300] if text else type(e).__name__
-    return None
+    with PeakMemory() as mem:
+        try:
+            pm.execute_notebook(str(nb), str(out_nb), parameters=params, cwd=str(nb.parent),
+                                progress_bar=False, kernel_name="python3", language="python")
+        except Exception as e:  # a failed notebook is reported; the others still run
+            text = str(e).strip()
+            return (text.splitlines()[-1][:300] if text else type(e).__name__), round(mem.peak_mb)
+    return None, round(mem.peak_mb)
 
 
 def _say(line: str, progress: bool) -> None:
@@ -126,7 +159,8 @@ def run_notebooks(out: str | Path | None = None, profile: str = "quick", only: l
     """Execute notebooks into `out` (default runs/<profile>-<time>); print a line per notebook.
 
     Every notebook gets `results_dir` = out/results, plus the profile's and the user's parameters.
-    Returns a summary: {out, notebooks: [{name, ok, seconds, error, notebook}], failed, table}.
+    Returns a summary: {out, notebooks: [{name, ok, seconds, peak_mem_mb, error, notebook}], failed,
+    table}; peak_mem_mb is the kernel's peak resident memory (with what it starts), sampled.
     """
     out = _out_dir(out, f"runs/{profile}-{time.strftime('%Y%m%d-%H%M%S')}")
     nbs = notebooks(only)
@@ -139,11 +173,12 @@ def run_notebooks(out: str | Path | None = None, profile: str = "quick", only: l
              "results_dir": str(out / "results")}
         _say(f"[{i}/{len(nbs)}] {nb.stem} ...", progress)
         t0 = time.time()
-        err = execute(nb, out / nb.name, p)
+        err, peak = execute(nb, out / nb.name, p)
         dt = time.time() - t0
-        summary.append({"name": nb.stem, "ok": err is None, "seconds": round(dt, 1), "error": err,
-                        "notebook": str(out / nb.name)})
-        _say(f"{'ok  ' if err is None else 'FAIL'} {nb.stem}  {dt:6.1f} s" + (f"  {err}" if err else ""), progress)
+        summary.append({"name": nb.stem, "ok": err is None, "seconds": round(dt, 1), "peak_mem_mb": peak,
+                        "error": err, "notebook": str(out / nb.name)})
+        _say(f"{'ok  ' if err is None else 'FAIL'} {nb.stem}  {dt:6.1f} s  peak {peak} MB"
+             + (f"  {err}" if err else ""), progress)
     return _finish(out, summary, progress, {"profile": profile, "params": user})
 
 
@@ -153,13 +188,13 @@ def _label(point: dict) -> str:
     return re.sub(r"[^A-Za-z0-9._=,+-]", "", text.replace(" ", ""))[:120] or "point"
 
 
-def _sweep_point(nb: str, point_dir: str, params: dict, threads: int) -> tuple[str | None, float]:
-    """One sweep point in its own process (its kernel gets `threads` threads)."""
+def _sweep_point(nb: str, point_dir: str, params: dict, threads: int) -> tuple[str | None, float, float]:
+    """One sweep point in its own process (its kernel gets `threads` threads): error, seconds, peak MB."""
     import os
     os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.time()
-    err = execute(Path(nb), Path(point_dir) / Path(nb).name, params)
-    return err, time.time() - t0
+    err, peak = execute(Path(nb), Path(point_dir) / Path(nb).name, params)
+    return err, time.time() - t0, peak
 
 
 def sweep(notebook: str, grid: dict[str, list], jobs: int = 1, out: str | Path | None = None,
@@ -202,11 +237,11 @@ def sweep(notebook: str, grid: dict[str, list], jobs: int = 1, out: str | Path |
         for done, fut in enumerate(as_completed(futures), 1):
             point, point_dir = futures[fut]
             try:
-                err, dt = fut.result()
+                err, dt, peak = fut.result()
             except Exception as e:  # the worker process itself died
-                err, dt = f"{type(e).__name__}: {e}", float("nan")
+                err, dt, peak = f"{type(e).__name__}: {e}", float("nan"), None
             summary.append({"name": point_dir.name, "params": point, "ok": err is None, "seconds": round(dt, 1),
-                            "error": err, "notebook": str(point_dir / nb.name)})
+                            "peak_mem_mb": peak, "error": err, "notebook": str(point_dir / nb.name)})
             _say(f"[{done}/{len(points)}] {'ok  ' if err is None else 'FAIL'} {point_dir.name}  {dt:6.1f} s"
                  + (f"  {err}" if err else ""), progress)
     summary.sort(key=lambda s: s["name"])

@@ -63,6 +63,7 @@ def test_sweep_runs_points_in_parallel_reports_a_failure_and_the_report_gathers_
     out = json.loads(capsys.readouterr().out)
     assert code == 1 and out["failed"] == ["x=2"]
     assert [n["ok"] for n in out["notebooks"]] == [True, False, True]
+    assert all(n["peak_mem_mb"] > 30 for n in out["notebooks"]), "the kernels' peak memory was not sampled"
     assert "x must not be 2" in out["notebooks"][1]["error"]
     assert json.loads((tmp_path / "sw" / "x=3" / "params.json").read_text()) == {"x": 3}
     assert nb.read_bytes() == source, "the sweep wrote into its source notebook"
@@ -77,6 +78,16 @@ def test_sweep_runs_points_in_parallel_reports_a_failure_and_the_report_gathers_
     assert (tmp_path / "rep" / "report.csv").read_text().startswith("run,chapter,")
     assert "<table>" in (tmp_path / "rep" / "report.html").read_text()
     assert (tmp_path / "rep" / "latency_miou.png").read_bytes()[:4] == b"\x89PNG"
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# demo\n\n<!-- results:begin -->\nold\n<!-- results:end -->\n\nafter\n")
+    assert cli.main(["report", str(tmp_path / "sw"), "--out", str(tmp_path / "rep"), "--readme", str(readme),
+                     "--json"]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("after\n") and "](rep/latency_miou.png)" in text
+    assert "| sw/x=1 |" in text and "profile quick" in text and "failed notebooks: x=2" in text
+    readme.write_text("# no markers\n")
+    assert cli.main(["report", str(tmp_path / "sw"), "--out", str(tmp_path / "rep"), "--readme", str(readme)]) == 2
 
 
 def test_run_and_sweep_refuse_unknown_parameters_and_empty_grids(tmp_path, capsys):
