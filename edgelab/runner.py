@@ -143,9 +143,17 @@ def _say(line: str, progress: bool) -> None:
 
 
 def _finish(out: Path, summary: list[dict], progress: bool, extra: dict | None = None) -> dict:
-    """Write summary.json, print the failures and the results table; the run's summary dict."""
+    """Write summary.json, print the failures and the results table; the run's summary dict.
+
+    Rerunning some notebooks into an existing run folder keeps the earlier entries of the others
+    (a long full-profile run can be completed piece by piece).
+    """
     failed = [s for s in summary if not s["ok"]]
-    (out / "summary.json").write_text(json.dumps({"notebooks": summary, **(extra or {})}, indent=1))
+    path = out / "summary.json"
+    earlier = json.loads(path.read_text()).get("notebooks", []) if path.exists() else []
+    names = {s["name"] for s in summary}
+    kept = [s for s in earlier if s.get("name") not in names]
+    path.write_text(json.dumps({"notebooks": kept + summary, **(extra or {})}, indent=1))
     rows = records.gather([out]) if any(out.rglob("results/*.json")) else []
     table = records.markdown_table(rows) if rows else "(no results records)"
     _say(table, progress)
