@@ -44,7 +44,7 @@ def _run_root(record: Path, top: Path) -> Path:
 def gather(run_dirs: Iterable[str | Path], machines: dict | None = None) -> list[dict]:
     """Every row of every `*.json` record under the given run folders, in name order.
 
-    Each row gains `run`: the sweep point's folder name (with its parameters under `params`), or
+    Each row gains `run`: the sweep point's folder name (with its parameters under `sweep`), or
     the run folder's name. `machines`, if given, collects {run: machine} from the records.
     """
     rows: list[dict] = []
@@ -63,7 +63,7 @@ def gather(run_dirs: Iterable[str | Path], machines: dict | None = None) -> list
             run = root.name if root == d else f"{d.name}/{root.relative_to(d)}"
             if machines is not None:
                 machines.setdefault(run, data.get("machine"))
-            rows += [dict(r, run=run, **({"params": params} if params else {})) for r in data["rows"]]
+            rows += [dict(r, run=run, **({"sweep": params} if params else {})) for r in data["rows"]]
     return rows
 
 

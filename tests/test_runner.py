@@ -49,7 +49,7 @@ def _demo_notebook(path):
         "from edgelab import records\n"
         "if x == 2:\n    raise RuntimeError('x must not be 2')\n"
         "records.write_records(results_dir, '99_demo', [{'model': 'tiny', 'weights': 'trained', "
-        "'variant': f'x{x}', 'median_s': 0.01 * x, 'miou': 0.5 + 0.01 * x}], {'cpu': 'test cpu', 'threads': 1})")]
+        "'variant': f'x{x}', 'params': 1000, 'median_s': 0.01 * x, 'miou': 0.5 + 0.01 * x}], {'cpu': 'test cpu', 'threads': 1})")]
     nbformat.write(nb, path)
     return path
 
@@ -72,6 +72,7 @@ def test_sweep_runs_points_in_parallel_reports_a_failure_and_the_report_gathers_
     rep = json.loads(capsys.readouterr().out)
     assert sorted(r["variant"] for r in rep["rows"]) == ["x1", "x3"]
     assert {r["run"] for r in rep["rows"]} == {"sw/x=1", "sw/x=3"}
+    assert all(r["params"] == 1000 and r["sweep"] == {"x": int(r["variant"][1:])} for r in rep["rows"])
     assert [f["name"] for f in rep["failures"]] == ["x=2"]
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| run |" in md and "sw/x=3" in md and "test cpu" in md and "x must not be 2" in md
