@@ -5,7 +5,7 @@ Taught in notebook 01 (attention profiling). Its sections, and the functions her
   - "Attention by hand" (exercises):       `naive_attention`, `decomposed_rel_pos_bias`, the checks;
   - "Attention variants":                  `VARIANTS`, `set_attention`, `use_attention`, `output_error`;
   - "Scaling with tokens":                 `global_block`, `block_peak_memory_mb`;
-  - "BF16 on this CPU":                    `bf16_support`, `gemm_gflops`, `bf16_encoder`;
+  - "BF16 on this CPU":                    `bf16_support`, `gemm_gflops`, `bf16_encoder`, `bf16_verdict`;
   - "Prompt batching in the decoder":      `decode_loop`, `decode_batched`, `decode_ragged`;
   - "On a GPU":                            `sdpa_backend`.
 
@@ -713,6 +713,40 @@ def gemm_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     t = time_callable(lambda: a @ b, warmup=2, repeats=repeats)
     return 2 * n**3 / t.median_s / 1e9
+
+
+def bf16_verdict(support: Mapping[str, object], gemm_ratio: float, encoder_ratio: float,
+                 rel_err: float) -> str:
+    """What this machine's BF16 measurements say, in words (section "BF16 on this CPU").
+
+    Arguments:
+        support: `bf16_support()`.
+        gemm_ratio: BF16 GEMM throughput over fp32 (`gemm_gflops`), > 1 means BF16 is faster.
+        encoder_ratio: fp32 encoder time over the BF16 encoder's, > 1 means BF16 is faster.
+        rel_err: the BF16 encoder's relative output error against fp32.
+    Returns:
+        two or three sentences; they follow the numbers, so they differ from CPU to CPU.
+    """
+    units = " and ".join(n for n, k in (("avx512_bf16", "avx512_bf16"), ("AMX", "amx")) if support.get(k))
+    if not support.get("native_bf16_instructions"):
+        why = ("This CPU has no BF16 instructions: every BF16 product is widened to fp32 to be "
+               f"computed, so BF16 cannot beat fp32 (GEMM {gemm_ratio:.2f}x fp32).")
+    elif gemm_ratio < 1.1:
+        why = (f"This CPU has {units}, yet a BF16 GEMM runs at {gemm_ratio:.2f}x fp32: the kernels PyTorch "
+               "calls here do not turn those instructions into throughput (AMX is what pays on Intel), "
+               "so BF16 is an instruction set without a speed-up on this machine.")
+    else:
+        why = (f"This CPU has {units} and the kernels use them: a BF16 GEMM runs at {gemm_ratio:.2f}x fp32.")
+    if encoder_ratio >= 1.1:
+        whole = f"The whole encoder gains {encoder_ratio:.2f}x"
+    elif encoder_ratio > 0.95:
+        whole = f"The whole encoder barely moves ({encoder_ratio:.2f}x)"
+    else:
+        whole = f"The whole encoder is slower ({encoder_ratio:.2f}x)"
+    if gemm_ratio >= 1.1 and encoder_ratio < gemm_ratio / 1.5:
+        whole += (", far less than the GEMM: casts, the fp32 norms and softmax and the attention "
+                  "kernel take their share, as the poster found")
+    return f"{why} {whole}; the price is a relative error of {rel_err:.0e} against about 1e-7 for the exact fp32 variants."
 
 
 class bf16_encoder(torch.nn.Module):

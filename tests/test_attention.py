@@ -201,6 +201,19 @@ def test_bf16_encoder_modes(tiny_bias):
     assert {"avx512_bf16", "amx", "cpu_capability", "native_bf16_instructions"} <= set(info)
 
 
+def test_bf16_verdict_follows_the_numbers():
+    none = {"native_bf16_instructions": False, "avx512_bf16": False, "amx": False}
+    flags = {"native_bf16_instructions": True, "avx512_bf16": True, "amx": False}
+    text = A.bf16_verdict(none, 0.3, 0.5, 1e-2)
+    assert "no BF16 instructions" in text and "slower (0.50x)" in text
+    text = A.bf16_verdict(flags, 0.54, 0.59, 1e-2)
+    assert "avx512_bf16" in text and "without a speed-up" in text and "slower" in text
+    text = A.bf16_verdict(flags, 2.8, 1.3, 1e-2)
+    assert "use them" in text and "gains 1.30x" in text and "far less than the GEMM" in text
+    assert "AMX" in A.bf16_verdict({**flags, "amx": True}, 3.0, 2.5, 1e-2)
+    assert "far less" not in A.bf16_verdict(flags, 2.0, 1.9, 1e-2)
+
+
 def test_sdpa_backend_names_a_kernel():
     blk, x = A.global_block(dim=32, heads=2, grid=8)
     with torch.inference_mode():
