@@ -39,6 +39,12 @@ def test_records_round_trip_and_refuse_random_accuracy(tmp_path):
         records.write_records(tmp_path, "00_y", [dict(row, weights="random")], {})
 
 
+def test_missing_chapters_names_the_notebooks_without_records():
+    names = [nb.stem for nb in runner.notebooks()]
+    assert records.missing_chapters(names) == []
+    assert records.missing_chapters(names[1:] + ["99_demo"]) == names[:1]
+
+
 def _demo_notebook(path):
     """A notebook with a parameter x: it fails for x == 2, else writes a results record."""
     import nbformat
@@ -87,6 +93,7 @@ def test_sweep_runs_points_in_parallel_reports_a_failure_and_the_report_gathers_
     text = readme.read_text()
     assert "old" not in text and text.endswith("after\n") and "](rep/latency_miou.png)" in text
     assert "| sw/x=1 |" in text and "profile quick" in text and "failed notebooks: x=2" in text
+    assert "chapters not in this run: 00_segment_anything_tour, 01_attention_profiling" in text
     readme.write_text("# no markers\n")
     assert cli.main(["report", str(tmp_path / "sw"), "--out", str(tmp_path / "rep"), "--readme", str(readme)]) == 2
 
