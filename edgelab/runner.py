@@ -181,7 +181,13 @@ def run_notebooks(out: str | Path | None = None, profile: str = "quick", only: l
              "results_dir": str(out / "results")}
         _say(f"[{i}/{len(nbs)}] {nb.stem} ...", progress)
         t0 = time.time()
-        err, peak = execute(nb, out / nb.name, p)
+        try:
+            err, peak = execute(nb, out / nb.name, p)
+        except KeyboardInterrupt:  # Ctrl-C: keep what finished; `--only` the rest into the same folder later
+            _say(f"stopped during {nb.stem}: the {len(summary)} notebook(s) finished before it are kept in {out}",
+                 progress)
+            _finish(out, summary, progress, {"profile": profile, "params": user, "stopped": nb.stem})
+            raise
         dt = time.time() - t0
         summary.append({"name": nb.stem, "ok": err is None, "seconds": round(dt, 1), "peak_mem_mb": peak,
                         "error": err, "notebook": str(out / nb.name)})

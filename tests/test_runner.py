@@ -98,6 +98,33 @@ def test_sweep_runs_points_in_parallel_reports_a_failure_and_the_report_gathers_
     assert cli.main(["report", str(tmp_path / "sw"), "--out", str(tmp_path / "rep"), "--readme", str(readme)]) == 2
 
 
+def test_ctrl_c_keeps_the_notebooks_that_finished(tmp_path):
+    import signal, subprocess, sys, time
+    import nbformat
+    first = _demo_notebook(tmp_path / "a_first.ipynb")
+    slow = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('results_dir = "results"')
+    params.metadata["tags"] = ["parameters"]
+    slow.cells = [params, nbformat.v4.new_code_cell("import time\ntime.sleep(120)")]
+    nbformat.write(slow, tmp_path / "b_slow.ipynb")
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "edgelab.cli", "run", "--only", str(first),
+                             str(tmp_path / "b_slow.ipynb"), "--out", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    seen = ""
+    deadline = time.time() + 120
+    while "[2/2] b_slow" not in seen and time.time() < deadline:
+        seen += proc.stderr.readline()
+    time.sleep(3)  # let the second kernel start
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, seen + rest
+    assert "stopped during b_slow" in rest and "interrupted" in rest
+    summary = json.loads((out / "summary.json").read_text())
+    assert [n["name"] for n in summary["notebooks"]] == ["a_first"] and summary["stopped"] == "b_slow"
+    assert (out / "results" / "99_demo.json").exists()
+
+
 def test_run_and_sweep_refuse_unknown_parameters_and_empty_grids(tmp_path, capsys):
     from edgelab import cli
     nb = _demo_notebook(tmp_path / "demo.ipynb")
