@@ -64,6 +64,24 @@ def latency_miou(rows: Sequence[dict], ax=None, title: str = "latency vs mIoU") 
     return ax
 
 
+def _readable_axes(ax: plt.Axes, min_span: float = 0.02) -> None:
+    """Log latency axis with plain numbers (also on minor ticks when the panel spans under a
+    decade), and an mIoU axis at least `min_span` tall: variants that agree to 1e-7 (exact
+    attention variants) sit on one line instead of being spread by an offset axis."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    lo, hi = ax.get_xlim()
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain if hi / lo < 10 else NullFormatter())
+    ax.tick_params(axis="x", which="both", labelsize=7)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    y0, y1 = ax.get_ylim()
+    if y1 - y0 < min_span:
+        mid = (y0 + y1) / 2
+        ax.set_ylim(mid - min_span / 2, mid + min_span / 2)
+
+
 def latency_miou_panels(rows: Sequence[dict], cols: int = 3) -> plt.Figure:
     """`edgelab report`'s plot: latency (log x) against mIoU, one panel per chapter.
 
@@ -89,7 +107,7 @@ def latency_miou_panels(rows: Sequence[dict], cols: int = 3) -> plt.Figure:
                        label=r.get("run") if len(runs) > 1 else None)
             ax.annotate(str(r.get("variant", "")), (r["median_s"] * 1e3, r["miou"]), fontsize=7,
                         xytext=(3, 2), textcoords="offset points")
-        ax.set_xscale("log")
+        _readable_axes(ax)
         ax.set_title(chapter, fontsize=9)
         ax.set_xlabel("latency, ms (median, log scale)", fontsize=8)
         ax.set_ylabel("mIoU", fontsize=8)

@@ -105,12 +105,14 @@ def test_ctrl_c_keeps_the_notebooks_that_finished(tmp_path):
     slow = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell('results_dir = "results"')
     params.metadata["tags"] = ["parameters"]
-    slow.cells = [params, nbformat.v4.new_code_cell("import time\ntime.sleep(120)")]
+    slow.cells = [params, nbformat.v4.new_code_cell("import time\ntime.sleep(60)")]
     nbformat.write(slow, tmp_path / "b_slow.ipynb")
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "edgelab.cli", "run", "--only", str(first),
                              str(tmp_path / "b_slow.ipynb"), "--out", str(out)],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            # a shell's background job ignores SIGINT and children inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = ""
     deadline = time.time() + 120
     while "[2/2] b_slow" not in seen and time.time() < deadline:
@@ -134,3 +136,14 @@ def test_run_and_sweep_refuse_unknown_parameters_and_empty_grids(tmp_path, capsy
     assert cli.main(["run", "--only", "00", "-p", "n_evall", "3", "--out", str(tmp_path / "c")]) == 2
     assert "no parameter n_evall" in capsys.readouterr().err
     assert cli.main(["report", str(tmp_path / "b")]) == 2
+
+
+def test_report_plot_keeps_equal_miou_readable():
+    from edgelab import viz
+    rows = [{"chapter": "01_x", "run": "r", "variant": v, "median_s": t, "miou": 0.6217 + e}
+            for v, t, e in (("a", 0.018, 0.0), ("b", 0.020, 4e-7), ("c", 0.024, -2e-7))]
+    fig = viz.latency_miou_panels(rows)
+    ax = fig.axes[0]
+    y0, y1 = ax.get_ylim()
+    assert y1 - y0 >= 0.02 - 1e-9 and y0 < 0.6217 < y1
+    assert not ax.yaxis.get_major_formatter().get_useOffset()
