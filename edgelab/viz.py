@@ -82,6 +82,14 @@ def _readable_axes(ax: plt.Axes, min_span: float = 0.02) -> None:
         ax.set_ylim(mid - min_span / 2, mid + min_span / 2)
 
 
+def _point_label(row: dict, chapter_rows: Sequence[dict]) -> str:
+    """A point's name in its panel: the variant, or the model where variants repeat (04's students)."""
+    variants = [r.get("variant", "") for r in chapter_rows if r.get("run") == row.get("run")]
+    if variants.count(row.get("variant", "")) > 1:
+        return str(row.get("model", row.get("variant", "")))
+    return str(row.get("variant", ""))
+
+
 def latency_miou_panels(rows: Sequence[dict], cols: int = 3) -> plt.Figure:
     """`edgelab report`'s plot: latency (log x) against mIoU, one panel per chapter.
 
@@ -100,12 +108,11 @@ def latency_miou_panels(rows: Sequence[dict], cols: int = 3) -> plt.Figure:
     n_rows = -(-len(chapters) // n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.6 * n_cols, 3.6 * n_rows), squeeze=False)
     for ax, chapter in zip(axes.flat, chapters):
-        for r in rows:
-            if r["chapter"] != chapter or not r.get("median_s") or r.get("miou") is None:
-                continue
+        shown = [r for r in rows if r["chapter"] == chapter and r.get("median_s") and r.get("miou") is not None]
+        for r in shown:
             ax.scatter(r["median_s"] * 1e3, r["miou"], s=28, color=colours[r.get("run")],
                        label=r.get("run") if len(runs) > 1 else None)
-            ax.annotate(str(r.get("variant", "")), (r["median_s"] * 1e3, r["miou"]), fontsize=7,
+            ax.annotate(_point_label(r, shown), (r["median_s"] * 1e3, r["miou"]), fontsize=7,
                         xytext=(3, 2), textcoords="offset points")
         _readable_axes(ax)
         ax.set_title(chapter, fontsize=9)

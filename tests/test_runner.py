@@ -147,3 +147,13 @@ def test_report_plot_keeps_equal_miou_readable():
     y0, y1 = ax.get_ylim()
     assert y1 - y0 >= 0.02 - 1e-9 and y0 < 0.6217 < y1
     assert not ax.yaxis.get_major_formatter().get_useOffset()
+
+
+def test_report_plot_names_a_point_by_model_where_variants_repeat():
+    from edgelab import viz
+    rows = [{"chapter": "04_x", "run": run, "model": m, "variant": v, "median_s": t, "miou": 0.6}
+            for run in ("r1", "r2")
+            for m, v, t in (("teacher", "teacher", 0.016), ("resnet18", "distilled", 0.006),
+                            ("mobilenet_v3", "distilled", 0.005))]
+    texts = [t.get_text() for t in viz.latency_miou_panels(rows).axes[0].texts]
+    assert sorted(texts) == sorted(["teacher", "resnet18", "mobilenet_v3"] * 2)
