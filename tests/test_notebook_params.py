@@ -2,6 +2,7 @@
 import json
 
 import papermill as pm
+import pytest
 
 from edgelab import runner
 
@@ -19,3 +20,10 @@ def test_notebook_00_with_other_parameters(tmp_path):
     assert row["weights"] == "trained" and 0 <= row["miou"] <= 1 and row["median_s"] > 0
     text = out.read_text()
     assert "n_eval = 4" in text
+
+
+def test_nbval_cells_wait_60_s_for_their_outputs(request):
+    cells = [i for i in request.session.items if hasattr(i, "output_timeout")]
+    if not cells:
+        pytest.skip("no notebook collected in this session (run `pytest tests notebooks --nbval-lax`)")
+    assert all(c.output_timeout == 60 for c in cells)
