@@ -86,26 +86,20 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
+NBVAL_OUTPUT_TIMEOUT_S = 60
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The browser and Binder checks run last, while their installs start now in the background."""
+    """The browser and Binder checks run last, while their installs start now in the background.
+
+    nbval's notebook cells also get 60 s, not nbval's fixed 5 s, for each output after a cell's
+    reply: on a busy 2-core machine a finished training cell of notebook 04 once went over it.
+    """
+    for item in items:
+        if hasattr(item, "output_timeout"):
+            item.output_timeout = max(item.output_timeout, NBVAL_OUTPUT_TIMEOUT_S)
     import prepare  # tests/ is on sys.path (pytest puts a conftest folder there)
     slow = [i for i in items if getattr(i, "module", None) and i.module.__name__.split(".")[-1] in prepare.SLOW]
     items[:] = [i for i in items if i not in slow] + slow
     prepare.begin({i.module.__name__.split(".")[-1] for i in slow})
 
-
-NBVAL_OUTPUT_TIMEOUT_S = 60
-
-
-def pytest_collection_modifyitems(items):
-    """Give nbval's notebook cells 60 s, not 5 s, between a cell's reply and each of its outputs.
-
-    nbval reads a cell's outputs with a fixed 5 s wait per message; on a busy 2-core machine a
-    finished training cell of notebook 04 once went over it ("Timeout of 5 seconds exceeded
-    waiting for output") although the cell itself had succeeded. A cell that truly hangs still
-    fails, on nbval's own cell timeout. Applies when `pytest tests notebooks` runs (the README's
-    test command), since this conftest is loaded with tests/.
-    """
-    for item in items:
-        if hasattr(item, "output_timeout"):
-            item.output_timeout = max(item.output_timeout, NBVAL_OUTPUT_TIMEOUT_S)
