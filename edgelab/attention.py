@@ -358,6 +358,22 @@ VARIANTS: dict[str, Callable[[SamAttention, torch.Tensor], torch.Tensor]] = {
 EXACT_VARIANTS = tuple(VARIANTS)  # all compute SAM's function in fp32; only rounding differs
 
 
+def no_core_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
+    """`no-core` (timing only, NOT SAM's function): the attention core removed, v passed to proj.
+
+    The qkv and output projections still run, so an encoder with this forward costs what an
+    infinitely fast attention kernel would leave (section "The poster's results table"):
+    reference time / no-core time is the largest speed-up *any* attention variant can reach
+    in that run (Amdahl's law).
+    """
+    b, h, w, _ = x.shape
+    _, _, v = _split_heads(attn, x)
+    return _merge_heads(attn, v, (h, w))
+
+
+TIMING_ONLY: dict[str, Callable[[SamAttention, torch.Tensor], torch.Tensor]] = {"no-core": no_core_forward}
+
+
 def attention_modules(model: torch.nn.Module) -> list[SamAttention]:
     """Every SAM image-encoder `Attention` in `model` (a Sam, an encoder, a block, or one itself)."""
     return [m for m in model.modules() if isinstance(m, SamAttention)]
@@ -367,10 +383,12 @@ def set_attention(model: torch.nn.Module, name: str) -> torch.nn.Module:
     """Switch every image-encoder attention of `model` to variant `name`, in place; return model.
 
     No weight changes and nothing is reloaded: each module's `forward` is replaced (or, for
-    "reference", SAM's own is restored). Section "Attention variants".
+    "reference", SAM's own is restored). Section "Attention variants". `name` may also be a
+    TIMING_ONLY forward ("no-core"), which does not compute SAM's function.
     """
-    if name not in VARIANTS:
-        raise ValueError(f"unknown attention variant {name!r}: choose from {', '.join(VARIANTS)}")
+    forwards = {**VARIANTS, **TIMING_ONLY}
+    if name not in forwards:
+        raise ValueError(f"unknown attention variant {name!r}: choose from {', '.join(forwards)}")
     mods = attention_modules(model)
     if not mods:
         raise ValueError("no segment_anything image-encoder Attention module in this model")
@@ -378,7 +396,7 @@ def set_attention(model: torch.nn.Module, name: str) -> torch.nn.Module:
         if name == "reference":
             m.__dict__.pop("forward", None)
         else:
-            m.forward = types.MethodType(VARIANTS[name], m)
+            m.forward = types.MethodType(forwards[name], m)
         m._edgelab_attention = name
     return model
 

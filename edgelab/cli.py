@@ -102,8 +102,9 @@ def cmd_bench_encoder(args) -> dict:
 def _bench_attention(args, model, variants: list[str]) -> dict:
     """`bench encoder --attention a,b,c`: the encoder with each attention variant, in one run.
 
-    Times are interleaved (bench.compare); errors are against the `reference` output on the
-    same input; peak memory is each variant's encoder forward in one fresh process
+    Times are interleaved (bench.compare), with the timing-only `no-core` encoder beside them:
+    reference / no-core is the ceiling no attention variant can pass in this run. Errors are
+    against the `reference` output on the same input; peak memory is each variant's encoder forward in one fresh process
     (bench.peak_memory_series). `reference` is always measured, listed or not.
     """
     import torch
@@ -123,8 +124,8 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
                 outs[name] = model.image_encoder(x)
         return fn
 
-    with torch.inference_mode():
-        t = bench.compare({n: runner(n) for n in names}, warmup=1, repeats=args.repeats)
+    with torch.inference_mode():  # "no-core" runs interleaved too: the ceiling of this run
+        t = bench.compare({n: runner(n) for n in [*names, "no-core"]}, warmup=1, repeats=args.repeats)
     mem = {}
     if not args.no_memory and x.is_cuda:
         mem = {n: bench.cuda_peak_memory_mb(lambda n=n: attention.set_attention(model, n).image_encoder(x), x.device)
@@ -143,7 +144,10 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
             row["peak_mem_mb"] = mem[n]
         rows.append(row)
     record = bench.bench_record("reference", kind, rows)
-    record["attention"] = {"speedup_vs_reference": {n: t["reference"].median_s / t[n].median_s for n in names}}
+    ref_s = t["reference"].median_s
+    record["attention"] = {"speedup_vs_reference": {n: ref_s / t[n].median_s for n in names},
+                           "no_core_s": t["no-core"].median_s,
+                           "ceiling_vs_reference": ref_s / t["no-core"].median_s}
     return record
 
 

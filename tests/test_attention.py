@@ -84,6 +84,21 @@ def test_set_attention_switches_and_restores(tiny_bias):
         A.set_attention(torch.nn.Linear(2, 2), "fused")
 
 
+def test_no_core_is_the_projections_alone():
+    # the Amdahl floor: qkv -> v -> proj, every head's v passed through; timing only, never a variant
+    blk, _ = A.global_block(dim=32, heads=2, grid=6, seed=3)
+    x = torch.randn(2, 6, 6, 32)
+    with torch.inference_mode():
+        out = A.set_attention(blk, "no-core")(x)
+        v = blk.qkv(x)[..., 64:]                       # q, k, v are consecutive 32-wide slices
+        assert torch.allclose(out, blk.proj(v), atol=1e-6)
+        assert A.attention_of(blk) == "no-core"
+        A.set_attention(blk, "reference")
+    assert "no-core" not in A.VARIANTS and "no-core" not in A.EXACT_VARIANTS
+    with pytest.raises(ValueError, match="unknown attention variant 'no-core'"):
+        A.parse_variants("reference,no-core")
+
+
 def test_parse_variants():
     assert A.parse_variants("reference, sdpa,fused,sdpa") == ["reference", "sdpa", "fused"]
     with pytest.raises(ValueError, match="unknown attention variant 'nope'"):
@@ -236,6 +251,9 @@ def test_cli_bench_attention_json():
         assert v["median_s"] > 0 and v["peak_mem_mb"] >= 0 and v["image_size"] == 128
         assert v["rel_err"] < 1e-5 and v["max_abs_err"] < 1e-4
     assert d["variants"][0]["max_abs_err"] == 0
+    a = d["attention"]  # the ceiling: reference over the encoder with no attention core, same run
+    assert a["no_core_s"] > 0
+    assert a["ceiling_vs_reference"] == pytest.approx(d["variants"][0]["median_s"] / a["no_core_s"])
 
 
 def test_cli_bad_attention_is_one_line():
