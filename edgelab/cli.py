@@ -104,8 +104,9 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
 
     Times are interleaved (bench.compare), with the timing-only `no-core` encoder beside them:
     reference / no-core is the ceiling no attention variant can pass in this run. Errors are
-    against the `reference` output on the same input; peak memory is each variant's encoder forward in one fresh process
-    (bench.peak_memory_series). `reference` is always measured, listed or not.
+    against the `reference` output on the same input; peak memory is each variant's encoder
+    forward in one fresh process (bench.peak_memory_series). `reference` is always measured,
+    listed or not.
     """
     import torch
     from . import attention, bench, models
