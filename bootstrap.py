@@ -2,7 +2,7 @@
 """Set up edgelab on a machine with nothing but Python 3, then run the workbook or its tests.
 
     python3 bootstrap.py run    # execute every notebook (quick profile) and print the results table
-    python3 bootstrap.py test   # pytest over tests/ and nbval over notebooks/
+    python3 bootstrap.py test   # pytest over tests/ and nbval over notebooks/, two files at a time
 
 Both create `.venv/` beside this file on first use and install edgelab into it (torch and
 torchvision from the package registry together: the registry's torchvision is built against
@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".edgelab-installed"
+TEST_WORKERS = 2  # `test`: notebooks and test files run two at a time (a 2-core machine's whole CI)
 
 
 def sh(*cmd: str | Path) -> None:
@@ -43,6 +44,18 @@ def ensure_env() -> None:
     STAMP.write_text(want)
 
 
+def test_command(env: dict[str, str], rest: list[str]) -> list[str | Path]:
+    """pytest over notebooks/ and tests/, a file per pytest-xdist worker at a time.
+
+    Each worker gets its share of the cores (OMP_NUM_THREADS, unless already set), so the two do
+    not fight over them; the notebooks come first, as they are the longest files to run.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // TEST_WORKERS)))
+    return [BIN / "python", "-m", "pytest", "notebooks", "tests", "--nbval-lax", "--nbval-current-env",
+            "-q", "-n", str(TEST_WORKERS), "--dist", "loadfile", *rest]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("run", "test"):
         print(__doc__)
@@ -57,8 +70,7 @@ def main(argv: list[str]) -> int:
     if verb == "run":
         cmd = [BIN / "edgelab", "run", *rest]
     else:
-        cmd = [BIN / "python", "-m", "pytest", "tests", "notebooks", "--nbval-lax",
-               "--nbval-current-env", "-q", *rest]
+        cmd = test_command(env, rest)
     print("+", " ".join(map(str, cmd)), flush=True)
     return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
 

@@ -90,7 +90,8 @@ NBVAL_OUTPUT_TIMEOUT_S = 60
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The browser and Binder checks run last, while their installs start now in the background.
+    """The browser and Binder checks run last, while their installs start now in the background
+    (under pytest-xdist every worker gets here; the first to claim a job starts it: prepare.py).
 
     nbval's notebook cells also get 60 s, not nbval's fixed 5 s, for each output after a cell's
     reply: on a busy 2-core machine a finished training cell of notebook 04 once went over it.
