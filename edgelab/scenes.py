@@ -35,17 +35,28 @@ def _random_color(rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, 256, size=3).astype(np.float32)
 
 
-def _texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray, strength: float) -> np.ndarray:
-    """A (h, w, 3) float texture around colour `base`: solid, gradient, stripes, checker or noise."""
+Window = tuple[slice, slice]
+
+
+def _texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray, strength: float,
+             window: Window | None = None) -> np.ndarray:
+    """A (h, w, 3) float texture around colour `base`: solid, gradient, stripes, checker or noise.
+
+    With `window` (rows, columns) only that part is returned, and computed where that is cheaper;
+    it equals the same part of the whole texture and draws the same random numbers.
+    """
+    full = (slice(0, h), slice(0, w))
+    win = window or full
     kind = rng.choice(["solid", "gradient", "stripes", "checker", "noise", "blotch"])
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = np.mgrid[win].astype(np.float32)
     other = base + rng.normal(0, 60 * strength, size=3)
     if kind == "solid":
-        t = np.zeros((h, w), np.float32)
-    elif kind == "gradient":
+        t = np.zeros(yy.shape, np.float32)
+    elif kind == "gradient":  # shifted by its minimum over the whole image
         a = rng.uniform(0, 2 * math.pi)
+        yy, xx = np.mgrid[full].astype(np.float32)
         t = (np.cos(a) * xx + np.sin(a) * yy) / max(h, w)
-        t = t - t.min()
+        t = (t - t.min())[win]
     elif kind == "stripes":
         a = rng.uniform(0, math.pi)
         period = rng.uniform(4, 14)
@@ -54,12 +65,18 @@ def _texture(rng: np.random.Generator, h: int, w: int, base: np.ndarray, strengt
         p = rng.uniform(4, 14)
         t = ((np.floor(xx / p) + np.floor(yy / p)) % 2).astype(np.float32)
     elif kind == "noise":
-        t = rng.random((h, w)).astype(np.float32)
+        t = rng.random((h, w)).astype(np.float32)[win]
     else:  # smooth blotches: a coarse random grid upsampled
         g = rng.random((rng.integers(3, 8), rng.integers(3, 8))).astype(np.float32)
-        t = np.asarray(Image.fromarray((g * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)) / 255.0
+        t = (np.asarray(Image.fromarray((g * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)) / 255.0)[win]
     t = np.clip(t, 0, 1)[..., None]
     return base * (1 - t) + other * t
+
+
+def _bounding_window(mask: np.ndarray) -> Window:
+    """The rows and columns of the smallest rectangle holding every pixel of a non-empty mask."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
 def _star(cx: float, cy: float, r: float, rng: np.random.Generator) -> list[tuple[float, float]]:
@@ -153,8 +170,9 @@ def make_scene(seed: int, size: int = 256, n_objects: tuple[int, int] = (2, 12))
             continue
         color = _distinct_color(rng, taken)
         taken.append(color)
-        tex = _texture(rng, size, size, color, strength=rng.uniform(0.1, 0.7))
-        image[mask] = tex[mask]
+        win = _bounding_window(mask)  # textures are painted only where the shape can be
+        tex = _texture(rng, size, size, color, strength=rng.uniform(0.1, 0.7), window=win)
+        image[win][mask[win]] = tex[mask[win]]
         owner[mask] = len(kinds)
         kinds.append(kind)
     image = image + rng.normal(0, rng.uniform(0, 8), image.shape)
