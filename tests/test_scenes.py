@@ -56,7 +56,7 @@ def test_same_seed_same_scene_byte_for_byte():
 
 
 # sha256 of (image bytes, packed masks, shape names) as make_scene drew them before textures were
-# computed only inside each shape's bounding box (commit 14d7a8e): a scene is the same on every
+# computed only inside each shape's bounding box (a4cbdbe): a scene is the same on every
 # machine and in every version, or every mIoU in the committed notebooks moves
 GOLDEN = {(0, 256): "ae01c8812a687aa5c0e79827508d551c8901aaba531dc7b2db52447c9e71e64b",
           (1, 256): "e828247476a2ed2be872b44e77689e671f7fd863ec15ad83a07e8a041ac61073",
