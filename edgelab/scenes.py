@@ -172,7 +172,8 @@ def make_scene(seed: int, size: int = 256, n_objects: tuple[int, int] = (2, 12))
         taken.append(color)
         win = _bounding_window(mask)  # textures are painted only where the shape can be
         tex = _texture(rng, size, size, color, strength=rng.uniform(0.1, 0.7), window=win)
-        image[win][mask[win]] = tex[mask[win]]
+        inside = mask[win]
+        image[win][inside] = tex[inside]
         owner[mask] = len(kinds)
         kinds.append(kind)
     image = image + rng.normal(0, rng.uniform(0, 8), image.shape)

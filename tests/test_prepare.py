@@ -8,8 +8,6 @@ from pathlib import Path
 import prepare
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture
 def jobs_dir(tmp_path, monkeypatch) -> Path:
@@ -38,11 +36,8 @@ def test_waiting_gives_up_after_its_timeout(jobs_dir):
 
 
 def test_bootstrap_test_runs_two_workers_with_a_share_of_the_cores_each():
-    sys.path.insert(0, str(ROOT))
-    try:
-        import bootstrap
-    finally:
-        sys.path.remove(str(ROOT))
+    import bootstrap  # the checkout's root is on sys.path (conftest.py)
+
     env: dict[str, str] = {}
     cmd = [str(c) for c in bootstrap.test_command(env, ["-k", "x"])]
     assert cmd[cmd.index("-n") + 1] == "2" and cmd[cmd.index("--dist") + 1] == "loadfile"
