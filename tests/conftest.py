@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -87,6 +88,23 @@ def rng() -> np.random.Generator:
 
 
 NBVAL_OUTPUT_TIMEOUT_S = 60
+
+
+def pytest_configure(config):
+    """Fix the test run's id here (xdist makes one otherwise), so that the controller of a
+    pytest-xdist run knows the folder its workers keep their background jobs in (prepare.py)."""
+    if not hasattr(config, "workerinput") and getattr(config.option, "testrunuid", "") is None:
+        config.option.testrunuid = uuid.uuid4().hex
+
+
+def pytest_sessionfinish(session):
+    """Remove the run's background-job folder; under pytest-xdist, once, after every worker ended."""
+    if hasattr(session.config, "workerinput"):
+        return
+    import prepare
+    uid = getattr(session.config.option, "testrunuid", None)
+    for folder in {prepare.JOBS_DIR, *([prepare.jobs_dir(uid)] if uid else [])}:
+        prepare.cleanup(folder)
 
 
 def pytest_collection_modifyitems(session, config, items):

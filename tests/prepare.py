@@ -20,7 +20,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SLOW = ("test_browser", "test_binder")
 # one id per test run: pytest-xdist gives all workers of a run the same; a plain run makes its own
 RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"{os.getpid()}-{time.time_ns()}"
-JOBS_DIR = Path(tempfile.gettempdir()) / f"edgelab-prepare-{RUN_ID}"
+
+
+def jobs_dir(run_id: str) -> Path:
+    """The folder of test run `run_id`'s background jobs."""
+    return Path(tempfile.gettempdir()) / f"edgelab-prepare-{run_id}"
+
+
+JOBS_DIR = jobs_dir(RUN_ID)
 _PROCS: list[subprocess.Popen] = []  # kept so that they are not reaped (and warned about) early
 # runs the command with its output to $1 and, once it ends, writes its exit status to $2
 _RECORD = 'log=$1 rc=$2; shift 2; "$@" >"$log" 2>&1; echo $? >"$rc.part"; mv "$rc.part" "$rc"'
@@ -68,6 +75,16 @@ def wait(name: str, timeout: float = 1200) -> tuple[int, str, float]:
             raise TimeoutError(f"background job {name!r} still running after {timeout:.0f} s")
         time.sleep(1)
     return int(rc.read_text()), log.read_text() if log.exists() else "", rc.stat().st_mtime - t0
+
+
+def cleanup(folder: Path) -> bool:
+    """Remove a run's job folder once every job started in it has ended; True if it was removed."""
+    if not folder.is_dir():
+        return False
+    if any(not claim.with_suffix(".rc").exists() for claim in folder.glob("*.claim")):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return True
 
 
 def begin(module_names: set[str]) -> None:

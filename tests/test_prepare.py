@@ -35,6 +35,14 @@ def test_waiting_gives_up_after_its_timeout(jobs_dir):
         prepare.wait("slow", timeout=1)
 
 
+def test_a_run_folder_is_removed_once_its_jobs_have_ended(jobs_dir):
+    prepare.start("slow", [sys.executable, "-c", "import time; time.sleep(2)"])
+    assert not prepare.cleanup(jobs_dir) and jobs_dir.is_dir()  # a job is still running
+    prepare.wait("slow", timeout=60)
+    assert prepare.cleanup(jobs_dir) and not jobs_dir.exists()
+    assert not prepare.cleanup(jobs_dir)
+
+
 def test_bootstrap_test_runs_two_workers_with_a_share_of_the_cores_each():
     import bootstrap  # the checkout's root is on sys.path (conftest.py)
 
