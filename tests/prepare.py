@@ -4,7 +4,8 @@ tests are moved to the end of the run and wait here for their set-up.
 
 The jobs are kept in files (a claim, a log, an exit status) in a folder of this test run, so that
 under pytest-xdist every worker collects the tests but only the first starts each job, and a test
-on any worker can wait for it.
+on any worker can wait for it. When the run ends, conftest.py removes the folder (`cleanup`)
+once every job in it has ended.
 """
 from __future__ import annotations
 
