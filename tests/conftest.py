@@ -91,20 +91,19 @@ NBVAL_OUTPUT_TIMEOUT_S = 60
 
 
 def pytest_configure(config):
-    """Fix the test run's id here (xdist makes one otherwise), so that the controller of a
-    pytest-xdist run knows the folder its workers keep their background jobs in (prepare.py)."""
+    """Fix the test run's id here (xdist makes one otherwise) and keep the run's background jobs
+    (prepare.py) in its folder, which the workers of a pytest-xdist run find from the same id."""
     if not hasattr(config, "workerinput") and getattr(config.option, "testrunuid", "") is None:
         config.option.testrunuid = uuid.uuid4().hex
+        import prepare
+        prepare.JOBS_DIR = prepare.jobs_dir(config.option.testrunuid)
 
 
 def pytest_sessionfinish(session):
     """Remove the run's background-job folder; under pytest-xdist, once, after every worker ended."""
-    if hasattr(session.config, "workerinput"):
-        return
-    import prepare
-    uid = getattr(session.config.option, "testrunuid", None)
-    for folder in {prepare.JOBS_DIR, *([prepare.jobs_dir(uid)] if uid else [])}:
-        prepare.cleanup(folder)
+    if not hasattr(session.config, "workerinput"):
+        import prepare
+        prepare.cleanup(prepare.JOBS_DIR)
 
 
 def pytest_collection_modifyitems(session, config, items):
