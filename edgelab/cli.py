@@ -52,10 +52,11 @@ def cmd_eval(args) -> dict:
         seeds = None
         if args.seed is not None:
             seeds = [args.seed + i for i in range(args.scenes or 50)]
-        res = evaluate.evaluate_scenes(model, args.scenes, args.prompt, seeds=seeds, progress=not args.json)
-        out = {"model": args.model, "weights": kind, "prompt": args.prompt,
-               "split": "eval" if seeds is None else f"seeds {args.seed}..{args.seed + len(seeds) - 1}",
-               "miou": res.miou, "n_masks": res.n_masks, "n_images": res.n_images}
+        res = evaluate.evaluate_scenes(model, args.scenes, args.prompt, seeds=seeds, progress=not args.json,
+                                       split=args.split)
+        out = {"model": args.model, "weights": kind,
+               "split": args.split if seeds is None else f"seeds {args.seed}..{args.seed + len(seeds) - 1}",
+               **res.as_dict()}
     if kind == "random":
         out["note"] = "random weights: timing only, this mIoU says nothing about accuracy"
     return out
@@ -272,12 +273,24 @@ def cmd_distill(args) -> dict:
 
 def cmd_train_tiny(args) -> dict:
     from . import models, training
-    cfg = training.TrainConfig(steps=args.steps or training.TrainConfig.steps, seed=args.seed)
+    if args.hours is not None and not 0 < args.hours <= 48:
+        raise UsageError("--hours must be more than 0 and at most 48")
+    if args.steps is not None and args.steps <= 0:
+        raise UsageError("--steps must be a positive number")
+    cfg = training.TrainConfig(steps=args.steps or training.TrainConfig.steps, seed=args.seed,
+                               hours=args.hours, threads=args.threads, eval_scenes=args.eval_scenes,
+                               checkpoint_minutes=args.checkpoint_minutes)
     final = training.train_tiny(args.out, cfg, device=args.device, resume=not args.fresh,
-                                stop_after=args.stop_after)
+                                stop_after=args.stop_after, progress=not args.json)
     sha = models.sha256_of(final)
-    return {"weights": str(final), "sha256": sha, "steps": cfg.steps, "stop_after": args.stop_after,
+    return {"weights": str(final), "sha256": sha, "steps": cfg.steps, "hours": cfg.hours,
+            "stop_after": args.stop_after,
             "shipped_sha256": models.TINY_SHA256.read_text().split()[0] if models.TINY_SHA256.exists() else None}
+
+
+def training_default(name: str):
+    from . import training
+    return getattr(training.TrainConfig, name)
 
 
 def cmd_run(args) -> dict:
@@ -357,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scenes", type=int, help="number of scenes (default: the whole eval split)")
     e.add_argument("--seed", type=int, help="first seed of other scenes than the eval split")
     e.add_argument("--prompt", choices=["point", "box"], default="point")
+    e.add_argument("--split", choices=["eval", "val"], default="eval",
+                   help="eval: the reporting split; val: the split choices are made on")
     e.add_argument("--images", help="folder of JPEG/PNG images (no ground truth)")
     e.add_argument("--reference", choices=["tiny", "vit_b", "vit_l", "vit_h"])
     e.add_argument("--reference-checkpoint")
@@ -431,7 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/train-tiny")
     t.add_argument("--steps", type=int)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--hours", type=float, help="training-time budget: the schedule spans it, summed over resumes")
     t.add_argument("--stop-after", type=int, help="end at this step (the schedule still spans --steps)")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    t.add_argument("--eval-scenes", type=int, default=training_default("eval_scenes"),
+                   help="validation scenes scored at each checkpoint")
+    t.add_argument("--checkpoint-minutes", type=float, default=training_default("checkpoint_minutes"))
     t.add_argument("--device", default="cpu")
     t.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
     t.add_argument("--json", action="store_true")

@@ -9,7 +9,7 @@ the score is agreement: mIoU of a model's masks against a reference model's mask
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -95,6 +95,33 @@ def predict_masks(predictor: SamPredictor, image: np.ndarray, masks: np.ndarray 
     return out.cpu().numpy()
 
 
+SIZE_BINS = {"small": (0, 300), "medium": (300, 4000), "large": (4000, None)}  # object area, px
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (resampling objects), e.g. mIoU's.
+
+    Taught in notebook 00, section "How we score a model": a few dozen scenes move mIoU by a
+    point or two, so every mIoU is reported with this interval.
+    """
+    v = np.asarray(values, np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(len(v), size=(n_boot, len(v)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def size_bin(area: int) -> str:
+    """'small' (under 300 px), 'medium' or 'large' (over 4000 px)."""
+    for name, (lo, hi) in SIZE_BINS.items():
+        if area >= lo and (hi is None or area < hi):
+            return name
+    raise ValueError(f"bad area {area}")
+
+
 @dataclass
 class EvalResult:
     miou: float
@@ -102,24 +129,52 @@ class EvalResult:
     n_images: int
     prompt: str
     per_object: list[float]
+    areas: list[int] = field(default_factory=list)  # ground-truth pixels of each object
+    kinds: list[str] = field(default_factory=list)  # shape kind of each object (scenes only)
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        """95% bootstrap interval of the mIoU over objects."""
+        return bootstrap_ci(self.per_object)
+
+    def groups(self, labels: Sequence[str]) -> dict[str, dict]:
+        """mIoU, its interval and the object count per label (size bin or shape kind)."""
+        out = {}
+        for name in dict.fromkeys(labels):
+            vals = [v for v, lab in zip(self.per_object, labels) if lab == name]
+            out[name] = {"miou": float(np.mean(vals)), "miou_ci": list(bootstrap_ci(vals)), "n": len(vals)}
+        return out
 
     def as_dict(self) -> dict:
-        return {"miou": self.miou, "n_masks": self.n_masks, "n_images": self.n_images,
-                "prompt": self.prompt}
+        d = {"miou": self.miou, "miou_ci": list(self.ci), "n_masks": self.n_masks,
+             "n_images": self.n_images, "prompt": self.prompt}
+        if self.areas:
+            sizes = self.groups([size_bin(a) for a in self.areas])
+            d["by_size"] = {k: sizes[k] for k in SIZE_BINS if k in sizes}
+        if self.kinds:
+            d["by_kind"] = dict(sorted(self.groups(self.kinds).items()))
+        return d
 
 
 def evaluate_scenes(model: Sam, n: int | None = None, prompt: str = "point",
                     seeds: Sequence[int] | None = None, size: int = 256,
-                    progress: bool = True) -> EvalResult:
-    """mIoU of `model` on generated scenes: the fixed eval split (first `n` of it) or `seeds`."""
-    ds = scenes_mod.SceneDataset("eval", n, size=size, seeds=list(seeds) if seeds is not None else None)
+                    progress: bool = True, split: str = "eval") -> EvalResult:
+    """mIoU of `model` on generated scenes: a fixed split (first `n` of it) or `seeds`.
+
+    `split` is "eval" (report only) or "val" (make choices on it).
+    """
+    ds = scenes_mod.SceneDataset(split, n, size=size, seeds=list(seeds) if seeds is not None else None)
     predictor = SamPredictor(model)
     ious: list[float] = []
+    areas: list[int] = []
+    kinds: list[str] = []
     for i in tqdm(range(len(ds)), desc=f"eval ({prompt})", disable=not progress, leave=False):
         s = ds.scene(i)
         pred = predict_masks(predictor, s.image, s.masks, prompt)
         ious += [iou(p, g) for p, g in zip(pred, s.masks)]
-    return EvalResult(float(np.mean(ious)), len(ious), len(ds), prompt, ious)
+        areas += [int(m.sum()) for m in s.masks]
+        kinds += list(s.shapes)
+    return EvalResult(float(np.mean(ious)), len(ious), len(ds), prompt, ious, areas, kinds)
 
 
 def load_image(path: str | Path) -> np.ndarray:

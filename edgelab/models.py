@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
                                        TwoWayTransformer)
+from segment_anything.modeling.image_encoder import PatchEmbed
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 TINY_WEIGHTS = DATA_DIR / "sam_tiny.pt"
@@ -45,6 +46,12 @@ class SamConfig:
     decoder_mlp_dim: int = 2048
     decoder_heads: int = 8
     mlp_ratio: float = 4.0
+    stem: tuple[int, ...] = ()  # widths of stride-2 3x3 convs in front of the patch embedding
+
+    @property
+    def patch_stride(self) -> int:
+        """Stride of the patch embedding's own conv (what the stem leaves of the patch size)."""
+        return self.patch_size // 2 ** len(self.stem)
 
     @property
     def grid(self) -> int:
@@ -78,6 +85,26 @@ OFFICIAL: dict[str, OfficialCheckpoint] = {
 }
 
 
+class StemPatchEmbed(PatchEmbed):
+    """SAM's patch embedding behind a small convolutional stem (notebook 00, "The embedded model").
+
+    The stem's stride-2 3x3 convs see pixels at full resolution before the patch conv folds them
+    into tokens; `proj` stays the last conv (stride patch_size / 2**len(stem)), as in SAM, so the
+    token grid, the blocks and the neck are unchanged.
+    """
+
+    def __init__(self, widths: tuple[int, ...], patch_stride: int, embed_dim: int):
+        super().__init__(kernel_size=(patch_stride, patch_stride), stride=(patch_stride, patch_stride),
+                         in_chans=widths[-1], embed_dim=embed_dim)
+        layers: list[torch.nn.Module] = []
+        for c_in, c_out in zip((3,) + widths[:-1], widths):
+            layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), torch.nn.GELU()]
+        self.stem = torch.nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.stem(x))
+
+
 def build_sam(cfg: SamConfig) -> Sam:
     """Assemble SAM from segment_anything's classes for the architecture `cfg` (random init)."""
     encoder = ImageEncoderViT(
@@ -86,6 +113,10 @@ def build_sam(cfg: SamConfig) -> Sam:
         patch_size=cfg.patch_size, qkv_bias=True, use_rel_pos=True,
         global_attn_indexes=cfg.global_attn_indexes, window_size=cfg.window_size,
         out_chans=cfg.prompt_dim)
+    if cfg.stem:
+        if cfg.patch_size % 2 ** len(cfg.stem):
+            raise ValueError(f"a stem of {len(cfg.stem)} stride-2 convs does not divide patch size {cfg.patch_size}")
+        encoder.patch_embed = StemPatchEmbed(cfg.stem, cfg.patch_stride, cfg.embed_dim)
     prompt = PromptEncoder(embed_dim=cfg.prompt_dim, image_embedding_size=(cfg.grid, cfg.grid),
                            input_image_size=(cfg.img_size, cfg.img_size), mask_in_chans=16)
     decoder = MaskDecoder(

@@ -629,7 +629,8 @@ def finetune(sam: Sam, cfg: FinetuneConfig, teacher: Sam | None = None,
         raise ValueError("embedding distillation (distill > 0) needs the unpruned model as teacher")
     if cfg.mask <= 0 and cfg.distill <= 0:
         raise ValueError("fine-tuning needs the mask losses (mask > 0), distillation (distill > 0) or both")
-    tcfg = training.TrainConfig(steps=cfg.steps, batch_images=cfg.batch_images, seed=cfg.seed)
+    tcfg = training.TrainConfig(steps=cfg.steps, batch_images=cfg.batch_images, seed=cfg.seed,
+                                focal_weight=20.0)  # the loss the shipped tiny was trained with
     for p in sam.parameters():
         p.requires_grad_(False)
     params = list(sam.image_encoder.parameters())

@@ -18,6 +18,8 @@ SHAPES = ("ellipse", "rectangle", "polygon", "star", "thin", "small")
 TRAIN_SEED_BASE = 0
 EVAL_SEED_BASE = 10_000_000  # eval seeds never overlap train seeds for any realistic run
 EVAL_SIZE = 200  # scenes in the fixed held-out eval split
+VAL_SEED_BASE = 20_000_000  # the validation split: every choice is made here, never on eval
+VAL_SIZE = 200
 MIN_VISIBLE_PX = 40  # an object seen through less than this is dropped from the ground truth
 
 
@@ -194,17 +196,19 @@ def make_scene(seed: int, size: int = 256, n_objects: tuple[int, int] = (2, 12))
 
 
 def split_seeds(split: str, n: int | None = None) -> list[int]:
-    """The seeds of a split: `eval` is fixed (EVAL_SIZE scenes), `train` counts up from 0."""
-    if split == "eval":
-        n = EVAL_SIZE if n is None else n
-        if not 0 < n <= EVAL_SIZE:
-            raise ValueError(f"the eval split has {EVAL_SIZE} scenes; asked for {n}")
-        return [EVAL_SEED_BASE + i for i in range(n)]
+    """The seeds of a split: `eval` (reporting only) and `val` (choices) are fixed, 200 scenes
+    each; `train` counts up from 0. The three ranges never overlap."""
+    if split in ("eval", "val"):
+        base, size = (EVAL_SEED_BASE, EVAL_SIZE) if split == "eval" else (VAL_SEED_BASE, VAL_SIZE)
+        n = size if n is None else n
+        if not 0 < n <= size:
+            raise ValueError(f"the {split} split has {size} scenes; asked for {n}")
+        return [base + i for i in range(n)]
     if split == "train":
         if n is None or n <= 0:
             raise ValueError("the train split needs a positive number of scenes")
         return [TRAIN_SEED_BASE + i for i in range(n)]
-    raise ValueError(f"unknown split {split!r}: use 'train' or 'eval'")
+    raise ValueError(f"unknown split {split!r}: use 'train', 'val' or 'eval'")
 
 
 class SceneDataset(torch.utils.data.Dataset):

@@ -2,7 +2,7 @@
 
 Taught in notebook 00, section "The embedded model". Prompts are sampled from the ground-truth
 masks (one point, a noisy box, or two positive points and one negative), and the losses are SAM's:
-focal + dice on the masks (20:1), MSE between predicted and actual IoU. A single point is
+focal + dice on the masks (1:1 here; SAM used 20:1), MSE between predicted and actual IoU. A single point is
 ambiguous, so only the best of SAM's three masks is trained on it; boxes and several points use
 the single-mask output, as at inference.
 
@@ -10,13 +10,19 @@ Two economies keep a run under an hour on 2 cores: masks are compared at 128 px 
 (the loss was most of a step's time), and each batch of scenes serves two steps under random
 flips and quarter turns (drawing a scene cost about as much as encoding it when the recipe was
 fixed; since scenes paint textures only inside each shape's box, about 14 ms).
+
+A run can last hours: `hours=` fits the cosine schedule to a wall-clock budget (training time,
+added up over every resume), checkpoints land every few minutes (written atomically, with the
+optimizer state), and the validation split's mIoU is logged at each one. On a CPU with BF16
+instructions (avx512_bf16 or AMX) the forward pass runs under BF16 autocast.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +49,38 @@ class TrainConfig:
     warmup: int = 100
     seed: int = 0
     eval_every: int = 250
-    eval_scenes: int = 30
+    eval_scenes: int = 100  # validation-split scenes scored at each evaluation
     checkpoint_every: int = 250
     threads: int = 0  # 0: torch's default
     loss_size: int = 128  # masks are compared at this resolution (targets area-averaged down to it)
     scene_reuse: int = 2  # each batch of scenes serves this many steps, each under a random flip/rotation
+    focal_weight: float = 1.0  # focal : dice = focal_weight : 1 (SAM: 20)
+    bf16: str = "auto"  # "auto": BF16 autocast where the CPU has BF16 instructions; "on"; "off"
+    hours: float | None = None  # wall-clock budget: the schedule spans it instead of `steps`
+    checkpoint_minutes: float = 5.0  # with `hours`: a checkpoint (and validation) this often
+    stem: tuple[int, ...] = (32, 64)  # conv stem of the encoder (models.SamConfig.stem)
+
+
+def tiny_config(cfg: TrainConfig) -> models.SamConfig:
+    """The architecture a run trains: `tiny` with the run's conv stem."""
+    return replace(models.CONFIGS["tiny"], stem=tuple(cfg.stem))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has BF16 instructions (avx512_bf16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def use_bf16(cfg: TrainConfig, device: str) -> bool:
+    if cfg.bf16 not in ("auto", "on", "off"):
+        raise ValueError(f"bf16 must be 'auto', 'on' or 'off', not {cfg.bf16!r}")
+    if cfg.bf16 == "auto":
+        return device.startswith("cuda") or (device == "cpu" and cpu_has_bf16())
+    return cfg.bf16 == "on"
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -135,7 +168,7 @@ def decode(sam: Sam, embeddings: torch.Tensor, which_image: torch.Tensor, points
 
 
 def _prompt_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor, multimask: bool,
-                 size: int = 128):
+                 size: int = 128, focal_weight: float = 20.0):
     """SAM's loss for a group of prompts; single points train only their best of masks 1-3.
 
     Masks are compared at `size` px: the target is area-averaged down (soft at the edges) and the
@@ -143,11 +176,12 @@ def _prompt_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Te
     """
     if target.shape[-1] != size:
         target = F.interpolate(target[:, None], size=(size, size), mode="area")[:, 0]
-    logits = F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)
+    logits = F.interpolate(low_res.float(), size=(size, size), mode="bilinear", align_corners=False)
+    iou_pred = iou_pred.float()
     sl = slice(1, 4) if multimask else slice(0, 1)
     logits, iou_pred = logits[:, sl], iou_pred[:, sl]
     t = target[:, None].expand_as(logits)
-    per_mask = 20 * focal_loss(logits, t) + dice_loss(logits, t)
+    per_mask = focal_weight * focal_loss(logits, t) + dice_loss(logits, t)
     best = per_mask.argmin(dim=1)
     mask_loss = per_mask.gather(1, best[:, None]).mean()
     iou_loss = F.mse_loss(iou_pred, mask_iou(logits, t).detach())
@@ -173,17 +207,23 @@ def train_step(sam: Sam, batch: list[scenes.Scene], cfg: TrainConfig, rng: np.ra
         else:
             labels = torch.from_numpy(np.concatenate([lab for _, _, lab, _ in items])).to(dev)
             low, iou = decode(sam, emb, which, points=(coords, labels))
-        loss, ml, il = _prompt_loss(low, iou, target, multimask=(kind == "point"), size=cfg.loss_size)
+        loss, ml, il = _prompt_loss(low, iou, target, multimask=(kind == "point"), size=cfg.loss_size,
+                                    focal_weight=cfg.focal_weight)
         total = total + loss
         parts[f"mask_{kind}"], parts[f"iou_{kind}"] = ml.item(), il.item()
     parts["loss"] = float(total.detach())
     return {"loss_tensor": total, **parts}
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def _lr_at(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine over the run: its steps, or with
+    `cfg.hours` the fraction of the time budget already spent (`seconds` of training)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.hours:
+        t = seconds / (cfg.hours * 3600)
+    else:
+        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
@@ -217,57 +257,140 @@ class SceneBatches:
         return [dihedral(s, int(k)) for s, k in zip(self._cache[1], rng.integers(8, size=len(seeds)))]
 
 
+def _validate(sam: Sam, cfg: TrainConfig) -> dict:
+    """Validation-split mIoU (point and box) on the first `cfg.eval_scenes` val scenes."""
+    sam.eval()
+    out = {f"val_{p}": round(evaluate.evaluate_scenes(sam, cfg.eval_scenes, p, split="val",
+                                                      progress=False).miou, 4) for p in ("point", "box")}
+    sam.train()
+    return out
+
+
+def _cpu_name() -> str:
+    import platform
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    """torch.save through a temporary file, so a run killed mid-write leaves the last checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def config_from_json(d: dict) -> TrainConfig:
+    """A TrainConfig from its saved dict (unknown keys, such as `stop_after`, are ignored)."""
+    names = {f.name for f in fields(TrainConfig)}
+    d = {k: (tuple(v) if k == "stem" else v) for k, v in d.items() if k in names}
+    return TrainConfig(**d)
+
+
+RUN_CONTROLS = ("steps", "hours", "threads", "eval_scenes", "eval_every", "checkpoint_every", "checkpoint_minutes")
+
+
+def _recipe(d: dict) -> dict:
+    """The fields of a saved config that fix the weights (a resume may change the others: a
+    longer --hours stretches the schedule from where it stands)."""
+    return {k: v for k, v in d.items() if k not in RUN_CONTROLS}
+
+
+def _resume(run: Path, cfg: TrainConfig, sam: Sam, opt: torch.optim.Optimizer, device: str) -> tuple[int, float]:
+    """Load run/checkpoint.pt into sam and opt; return (step, training seconds so far)."""
+    ckpt = run / "checkpoint.pt"
+    if not ckpt.is_file():
+        return 0, 0.0
+    try:
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        sam.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except Exception as e:
+        raise models.CheckpointError(f"{ckpt} cannot be resumed ({type(e).__name__}: {str(e)[:120]}); "
+                                     "move it away or pass --fresh") from None
+    saved = state.get("config")
+    if saved and _recipe(json.loads(saved)) != _recipe(json.loads(json.dumps(asdict(cfg)))):
+        raise ValueError(f"{ckpt} was written by a run with another configuration; "
+                         "resume with the same options (see its config.json) or use --fresh")
+    return int(state["step"]), float(state.get("train_seconds", 0.0))
+
+
 def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: str = "cpu",
                resume: bool = True, progress: bool = True, stop_after: int | None = None) -> Path:
     """Train `tiny` from scratch into run_dir (checkpoints, log.jsonl, final weights); resumable.
 
-    `stop_after` ends the run early at that step (the learning-rate schedule still spans
-    cfg.steps), so a checkpoint taken part-way through a run can be reproduced exactly.
-    Returns the path of the final state dict (`run_dir/sam_tiny.pt`).
+    With `cfg.hours` the run ends when that much training time is spent (over all resumes) and
+    the schedule follows the clock; otherwise it runs `cfg.steps`. `stop_after` ends the run early
+    at that step (the schedule is unchanged), so a checkpoint taken part-way through a run can be
+    reproduced exactly. Returns the path of the final state dict (`run_dir/sam_tiny.pt`).
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    sam = models.build_sam(models.CONFIGS["tiny"]).to(device).train()
+    sam = models.build_sam(tiny_config(cfg)).to(device).train()
     opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, ckpt = 0, run / "checkpoint.pt"
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        sam.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["step"])
+    start, seconds = _resume(run, cfg, sam, opt, device) if resume else (0, 0.0)
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    log = open(run / "log.jsonl", "a")
-    t0 = time.time()
-    end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
-    bar = tqdm(range(start, end), initial=start, total=end, desc="train tiny", disable=not progress)
+    bf16 = use_bf16(cfg, device)
+    budget = cfg.hours * 3600 if cfg.hours else None
+    end = cfg.steps if budget is None else 10 ** 9
+    end = end if stop_after is None else min(stop_after, end)
+    bar = tqdm(total=budget, initial=budget and min(seconds, budget), unit="s" if budget else "it",
+               desc="train tiny", disable=not progress, bar_format=None if budget is None else
+               "{desc}: {percentage:3.0f}% {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+    if budget is None:
+        bar.reset(total=end)
+        bar.update(start)
     draw = SceneBatches(cfg)
-    for step in bar:
-        rng = np.random.default_rng([cfg.seed, step])
-        batch = draw(step, rng)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        out = train_step(sam, batch, cfg, rng)
-        opt.zero_grad(set_to_none=True)
-        out["loss_tensor"].backward()
-        torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
-        opt.step()
-        rec = {k: round(v, 5) for k, v in out.items() if k != "loss_tensor"}
-        rec.update(step=step + 1, lr=_lr_at(step, cfg), elapsed_s=round(time.time() - t0, 1))
-        bar.set_postfix(loss=f"{rec['loss']:.3f}")
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == end:
-            sam.eval()
-            rec["miou_point"] = evaluate.evaluate_scenes(sam, cfg.eval_scenes, "point", progress=False).miou
-            rec["miou_box"] = evaluate.evaluate_scenes(sam, cfg.eval_scenes, "box", progress=False).miou
-            sam.train()
-            bar.write(f"step {step + 1}: point mIoU {rec['miou_point']:.3f}, box mIoU {rec['miou_box']:.3f}")
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == end:
-            torch.save({"model": sam.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt)
-    log.close()
+    last_ckpt = time.time()
+    step = start
+    with open(run / "log.jsonl", "a") as log:
+        if start:  # lines after the checkpoint's step (a killed run) are superseded from here
+            log.write(json.dumps({"event": "resume", "step": start, "train_s": round(seconds, 1),
+                                  "hours": cfg.hours, "bf16": bf16, "threads": torch.get_num_threads(),
+                                  "cpu": _cpu_name()}) + "\n")
+        else:
+            log.write(json.dumps({"event": "start", "bf16": bf16, "threads": torch.get_num_threads(),
+                                  "hours": cfg.hours, "cpu": _cpu_name()}) + "\n")
+        while step < end and (budget is None or seconds < budget):
+            t_step = time.time()
+            rng = np.random.default_rng([cfg.seed, step])
+            batch = draw(step, rng)
+            lr = _lr_at(step, cfg, seconds)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
+                out = train_step(sam, batch, cfg, rng)
+            opt.zero_grad(set_to_none=True)
+            out["loss_tensor"].backward()
+            torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
+            opt.step()
+            step += 1
+            dt = time.time() - t_step
+            seconds += dt
+            rec = {k: round(v, 5) for k, v in out.items() if k != "loss_tensor"}
+            rec.update(step=step, lr=lr, train_s=round(seconds, 1))
+            bar.update(dt if budget else 1)
+            bar.set_postfix(step=step, loss=f"{rec['loss']:.3f}")
+            done = step >= end or (budget is not None and seconds >= budget)
+            due = (time.time() - last_ckpt >= cfg.checkpoint_minutes * 60) if budget else step % cfg.checkpoint_every == 0
+            if done or due or (budget is None and step % cfg.eval_every == 0):
+                rec.update(_validate(sam, cfg))
+                bar.write(f"step {step} ({seconds / 3600:.2f} h): val point mIoU {rec['val_point']:.3f}, "
+                          f"box {rec['val_box']:.3f}")
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if done or due:
+                _save_atomic({"model": sam.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                              "train_seconds": seconds, "config": json.dumps(asdict(cfg))}, run / "checkpoint.pt")
+                last_ckpt = time.time()
+    bar.close()
     final = run / "sam_tiny.pt"
     torch.save(sam.eval().state_dict(), final)
     return final

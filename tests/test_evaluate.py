@@ -324,8 +324,43 @@ def test_evaluate_scenes_on_two_scenes(tiny_random):
     assert 0.0 <= result.miou <= 1.0
     assert all(0.0 <= v <= 1.0 for v in result.per_object)
     assert result.miou == pytest.approx(float(np.mean(result.per_object)))
-    assert result.as_dict() == {"miou": result.miou, "n_masks": expected, "n_images": 2,
-                                "prompt": "point"}
+    d = result.as_dict()
+    assert {k: d[k] for k in ("miou", "n_masks", "n_images", "prompt")} == {
+        "miou": result.miou, "n_masks": expected, "n_images": 2, "prompt": "point"}
+    lo, hi = d["miou_ci"]
+    assert lo <= result.miou <= hi
+    assert sum(g["n"] for g in d["by_size"].values()) == expected
+    assert sum(g["n"] for g in d["by_kind"].values()) == expected
+    assert set(d["by_kind"]) <= set(scenes.SHAPES) and set(d["by_size"]) <= {"small", "medium", "large"}
+
+
+def test_bootstrap_ci_brackets_the_mean_and_shrinks_with_more_objects():
+    rng = np.random.default_rng(1)
+    few, many = rng.uniform(size=30), rng.uniform(size=3000)
+    lo, hi = evaluate.bootstrap_ci(few)
+    assert lo < few.mean() < hi
+    lo2, hi2 = evaluate.bootstrap_ci(many)
+    assert (hi2 - lo2) < 0.3 * (hi - lo)
+    assert evaluate.bootstrap_ci([0.5] * 10) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("area,name", [(40, "small"), (299, "small"), (300, "medium"),
+                                       (3999, "medium"), (4000, "large"), (65536, "large")])
+def test_size_bins(area, name):
+    assert evaluate.size_bin(area) == name
+
+
+def test_groups_split_objects_by_label():
+    r = evaluate.EvalResult(0.5, 4, 1, "point", [0.0, 1.0, 0.2, 0.8], [10, 5000, 20, 400],
+                            ["star", "star", "thin", "ellipse"])
+    d = r.as_dict()
+    assert d["by_size"]["small"]["miou"] == pytest.approx(0.1) and d["by_size"]["small"]["n"] == 2
+    assert d["by_kind"]["star"]["miou"] == pytest.approx(0.5) and list(d["by_kind"]) == ["ellipse", "star", "thin"]
+
+
+def test_evaluate_scenes_on_the_val_split(tiny_random):
+    result = evaluate.evaluate_scenes(tiny_random, n=1, progress=False, split="val")
+    assert result.n_masks == len(scenes.make_scene(scenes.VAL_SEED_BASE).masks)
 
 
 def test_evaluate_scenes_with_seeds_and_boxes(tiny_random):

@@ -191,7 +191,16 @@ def test_eval_and_train_seeds_disjoint():
     assert not set(train) & set(scenes.split_seeds("eval"))
 
 
-@pytest.mark.parametrize("split", ["test", "val", "EVAL", ""])
+def test_val_split_is_fixed_and_disjoint_from_train_and_eval():
+    val = scenes.split_seeds("val")
+    assert len(val) == scenes.VAL_SIZE == 200 and val[0] == 20_000_000
+    assert scenes.split_seeds("val", 7) == val[:7]
+    # a 10-hour run at about 6,000 steps an hour, 4 new scenes a step, stays below both
+    assert not set(val) & set(scenes.split_seeds("eval"))
+    assert max(scenes.split_seeds("train", 240_000)) < min(scenes.split_seeds("eval")) < min(val)
+
+
+@pytest.mark.parametrize("split", ["test", "validation", "EVAL", ""])
 def test_split_seeds_unknown_split(split):
     with pytest.raises(ValueError, match="unknown split"):
         scenes.split_seeds(split, 3)
