@@ -54,7 +54,7 @@ def cmd_eval(args) -> dict:
             seeds = [args.seed + i for i in range(args.scenes or 50)]
         res = evaluate.evaluate_scenes(model, args.scenes, args.prompt, seeds=seeds, progress=not args.json,
                                        split=args.split)
-        out = {"model": args.model, "weights": kind,
+        out = {"model": args.model, "weights": kind, "checksum": model.edgelab.checksum,
                "split": args.split if seeds is None else f"seeds {args.seed}..{args.seed + len(seeds) - 1}",
                **res.as_dict()}
     if kind == "random":

@@ -78,11 +78,32 @@ CONFIGS: dict[str, SamConfig] = {
     "vit_h": SamConfig(1024, 16, 1280, 32, 16, (7, 15, 23, 31), 14),
 }
 
-OFFICIAL: dict[str, OfficialCheckpoint] = {
-    "vit_b": OfficialCheckpoint("sam_vit_b_01ec64.pth", 375_042_383),
-    "vit_l": OfficialCheckpoint("sam_vit_l_0b3195.pth", 1_249_524_607),
-    "vit_h": OfficialCheckpoint("sam_vit_h_4b8939.pth", 2_564_550_879),
+OFFICIAL: dict[str, OfficialCheckpoint] = {  # Meta's published files: names, sizes and sha256
+    "vit_b": OfficialCheckpoint("sam_vit_b_01ec64.pth", 375_042_383,
+                                "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
+    "vit_l": OfficialCheckpoint("sam_vit_l_0b3195.pth", 1_249_524_607,
+                                "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
+    "vit_h": OfficialCheckpoint("sam_vit_h_4b8939.pth", 2_564_550_879,
+                                "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
 }
+
+
+def checksum_status(path: Path, name: str) -> str:
+    """'official' for Meta's file of `name` with the published sha256; 'unknown' for any other
+    file (a fine-tuned or renamed checkpoint still loads). Raises CheckpointError for a file
+    named like the official one whose size or sha256 differs (a truncated or corrupt download)."""
+    official = OFFICIAL.get(name)
+    if official is None or path.name != official.filename:
+        return "unknown"
+    size = path.stat().st_size
+    if size != official.size_bytes:
+        raise CheckpointError(f"{path} is {size:,} bytes but the official {official.filename} "
+                              f"is {official.size_bytes:,}: an incomplete download or a corrupt file")
+    digest = sha256_of(path)
+    if official.sha256 and digest != official.sha256:
+        raise CheckpointError(f"{path}: sha256 {digest} is not the official {official.filename}'s "
+                              f"{official.sha256}: a corrupt or altered file")
+    return "official"
 
 
 class StemPatchEmbed(PatchEmbed):
@@ -177,12 +198,7 @@ def read_checkpoint(path: str | os.PathLike, name: str) -> dict[str, torch.Tenso
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
-    official = OFFICIAL.get(name)
-    if official and p.name == official.filename and p.stat().st_size != official.size_bytes:
-        raise CheckpointError(f"{p} is {p.stat().st_size:,} bytes but the official {official.filename} "
-                              f"is {official.size_bytes:,}: an incomplete download or a corrupt file")
-    if official and official.sha256 and p.name == official.filename and sha256_of(p) != official.sha256:
-        raise CheckpointError(f"{p}: sha256 does not match the official {official.filename}")
+    checksum_status(p, name)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and unsafe-global errors all mean: not a usable checkpoint
@@ -214,6 +230,7 @@ class LoadedSam:
     name: str
     weights_kind: str
     source: str
+    checksum: str = "unknown"  # "official": Meta's file, sha256 verified; "shipped": data/'s tiny
 
 
 def load_sam(name: str = "tiny", checkpoint: str | os.PathLike | None = None,
@@ -260,15 +277,17 @@ def load_sam(name: str = "tiny", checkpoint: str | os.PathLike | None = None,
         state = read_checkpoint(TINY_WEIGHTS, "tiny")
         verify_sha256(TINY_WEIGHTS, TINY_SHA256, "rerun `edgelab train-tiny`")
         source = str(TINY_WEIGHTS)
+        checksum = "shipped"
     elif weights == "checkpoint":
         state = read_checkpoint(checkpoint, name)
         source = str(checkpoint)
+        checksum = checksum_status(Path(checkpoint).expanduser(), name)
     else:
-        source = "random init (timing only)"
+        source, checksum = "random init (timing only)", "none"
     model = build_sam(cfg)
     if weights != "random":
         model.load_state_dict(state)
-    model.edgelab = LoadedSam(name, weights, source)
+    model.edgelab = LoadedSam(name, weights, source, checksum)
     return model.to(device).eval()
 
 

@@ -239,6 +239,31 @@ def test_official_filename_with_wrong_size(tmp_path, tiny_checkpoint):
     assert f"{size:,}" in msg and "375,042,383" in msg and "incomplete download" in msg
 
 
+def test_official_filename_with_right_size_and_wrong_contents(tmp_path):
+    official = models.OFFICIAL["vit_b"]
+    path = tmp_path / official.filename
+    with open(path, "wb") as f:  # a sparse file of the official size: zeros, not Meta's weights
+        f.truncate(official.size_bytes)
+    msg = _error(path, name="vit_b", via_load_sam=False)
+    assert "sha256" in msg and official.sha256 in msg and models.sha256_of(path) in msg
+    assert "\n" not in msg
+
+
+def test_official_digests_are_known_for_every_real_architecture():
+    for name in ("vit_b", "vit_l", "vit_h"):
+        digest = models.OFFICIAL[name].sha256
+        assert digest and len(digest) == 64 and int(digest, 16) >= 0
+
+
+def test_a_fine_tuned_file_under_another_name_loads_with_unknown_checksum(tmp_path, tiny_state):
+    path = tmp_path / "my_finetuned_tiny.pt"
+    torch.save(tiny_state, path)
+    model = models.load_sam("tiny", checkpoint=path)
+    assert model.edgelab.checksum == "unknown" and model.edgelab.weights_kind == "checkpoint"
+    assert models.checksum_status(path, "vit_b") == "unknown"
+    assert models.load_sam("tiny").edgelab.checksum == "shipped"
+
+
 def test_official_filename_size_check_only_for_its_own_architecture(tmp_path, tiny_checkpoint):
     # the vit_b file name means nothing to tiny: it loads on its content alone
     path = tmp_path / "sam_vit_b_01ec64.pth"
