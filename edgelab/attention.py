@@ -1,11 +1,11 @@
 """Attention in SAM's image encoder: where the time goes, faster exact variants, BF16, prompt batching.
 
 Taught in notebook 01 (attention profiling). Its sections, and the functions here that serve them:
-  - "Where the encoder's time goes":       `profile_categories`, `flop_categories`, `CATEGORIES`;
-  - "Attention by hand" (exercises):       `naive_attention`, `decomposed_rel_pos_bias`, the checks;
-  - "Attention variants":                  `VARIANTS`, `set_attention`, `use_attention`, `output_error`;
+  - "Where the encoder's time goes":       `edgelab.profiling` (shared with chapter 05);
+  - "Attention by hand" (exercises):       `naive_attention`, `decomposed_rel_pos_bias` (checks in `edgelab.checks`);
+  - "Attention variants":                  `VARIANTS`, `set_attention`, `use_attention` (`bench.output_error`);
   - "Scaling with tokens":                 `global_block`, `block_peak_memory_mb`;
-  - "BF16 on this CPU":                    `bf16_support`, `gemm_gflops`, `bf16_encoder`, `bf16_verdict`;
+  - "BF16 on this CPU":                    `bf16_support`, `bf16_verdict` (`bench.gemm_gflops`, `models.BF16Encoder`);
   - "Prompt batching in the decoder":      `decode_loop`, `decode_batched`, `decode_ragged`;
   - "On a GPU":                            `sdpa_backend`.
 
@@ -26,12 +26,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import image_encoder as sam_encoder
-from segment_anything.modeling.common import LayerNorm2d, MLPBlock
 from torch.nn.attention import SDPBackend
-from torch.utils.flop_counter import flop_registry
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from .checks import _fail, _not_done, _run, check_close
+from . import bench, models, profiling
 
 SamAttention = sam_encoder.Attention
 _SAM_FORWARD = SamAttention.forward  # SAM's own code, kept to restore "reference"
@@ -112,67 +109,6 @@ def decomposed_rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w:
     return expand_bias(*rel_pos_terms(q, rh, rw, hw))
 
 
-def _exercise_inputs(seed: int = 0, grid: tuple[int, int] = (3, 4), d: int = 8, batch: int = 2):
-    g = torch.Generator().manual_seed(seed)
-    n = grid[0] * grid[1]
-    q, k, v = (torch.randn(batch, n, d, generator=g) for _ in range(3))
-    tables = (torch.randn(2 * grid[0] - 1, d, generator=g), torch.randn(2 * grid[1] - 1, d, generator=g))
-    return q, k, v, tables
-
-
-def check_naive_attention(fn: Callable[..., torch.Tensor]) -> None:
-    """Notebook 01, exercise "Naive attention": fn(q, k, v, scale) = softmax(q k^T scale) v."""
-    name = "naive attention"
-    q, k, v, _ = _exercise_inputs()
-    got = _run(name, fn, q, k, v, 0.5)
-    _not_done(name, got)
-    hint = ("scores = (q * scale) @ k.transpose(-2, -1); softmax over the LAST dim (the keys); "
-            "then multiply by v.")
-    check_close(name, got, torch.softmax(q @ k.transpose(-2, -1) * 0.5, -1) @ v, hint, atol=1e-5)
-    got_t = _run(name, fn, q, k, v[..., :3], 0.5)
-    if tuple(got_t.shape) != (2, q.shape[1], 3):
-        _fail(name, f"with 3-dim values the output has shape {tuple(got_t.shape)}.",
-              "the output takes its last dimension from v, not from q.")
-
-
-def check_rel_pos_bias(fn: Callable[..., torch.Tensor]) -> None:
-    """Notebook 01, exercise "The decomposed bias": fn(q, rel_pos_h, rel_pos_w, (H, W)) -> (B, N, N).
-
-    Compared with what SAM's own `add_decomposed_rel_pos` adds to a zero score matrix, on a
-    non-square grid, so swapped height and width axes are caught.
-    """
-    name = "decomposed bias"
-    q, _, _, (th, tw) = _exercise_inputs()
-    hw = (3, 4)
-    n = hw[0] * hw[1]
-    expected = sam_encoder.add_decomposed_rel_pos(torch.zeros(q.shape[0], n, n), q, th, tw, hw, hw)
-    got = _run(name, fn, q, th, tw, hw)
-    _not_done(name, got)
-    hint = ("Rh = get_rel_pos(H, H, rel_pos_h) is (H, H, d); rel_h[b, i, j, k] = sum_c q[b, i, j, c] * "
-            "Rh[i, k, c] (einsum 'bhwc,hkc->bhwk'), likewise rel_w with Rw and the column j; then "
-            "bias[b, (i, j), (k, l)] = rel_h[b, i, j, k] + rel_w[b, i, j, l]. Do not scale q here.")
-    check_close(name, got, expected, hint, atol=1e-4, rtol=1e-4)
-
-
-def check_fold(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Notebook 01, exercise "Fold the bias into q and k": fn(q, k, rel_h, rel_w, scale) -> (q', k')
-    with q' @ k'^T == q @ k^T * scale + bias, where bias[(i, j), (a, b)] = rel_h[(i, j), a] + rel_w[(i, j), b].
-    """
-    name = "fold the bias"
-    q, k, _, (th, tw) = _exercise_inputs()
-    hw = (3, 4)
-    rel_h, rel_w = rel_pos_terms(q, *(sam_encoder.get_rel_pos(n, n, t) for n, t in zip(hw, (th, tw))), hw)
-    got = _run(name, fn, q, k, rel_h, rel_w, 0.5)
-    _not_done(name, got)
-    if not (isinstance(got, (tuple, list)) and len(got) == 2):
-        _fail(name, "return a pair (q_folded, k_folded).", "return torch.cat([...], -1) for each of q and k.")
-    qf, kf = got
-    hint = ("q' = [q * scale, rel_h, rel_w] along the last dim; k' = [k, onehot(row of the key), "
-            "onehot(column of the key)]. Key number n sits in row n // W and column n % W.")
-    expected = (q * 0.5) @ k.transpose(-2, -1) + expand_bias(rel_h, rel_w)
-    check_close(name, qf @ kf.transpose(-2, -1), expected, hint, atol=1e-4, rtol=1e-4)
-
-
 # =============================================================== the variants
 
 def _split_heads(attn: SamAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -189,22 +125,11 @@ def _merge_heads(attn: SamAttention, out: torch.Tensor, hw: tuple[int, int]) -> 
     return attn.proj(out)
 
 
-@contextlib.contextmanager
-def _scope(category: str) -> Iterator[None]:
-    """Label the ops inside for `profile_categories` and `flop_categories` (cheap when unused)."""
-    _STACK.append(category)
-    try:
-        with torch.profiler.record_function(f"edgelab::{category}"):
-            yield
-    finally:
-        _STACK.pop()
-
-
 def _bias_factors(attn: SamAttention, q: torch.Tensor, hw: tuple[int, int]):
     """rel_h, rel_w for `q` (None, None when the module has no relative positions)."""
     if not attn.use_rel_pos:
         return None, None
-    with _scope("rel-pos bias"):
+    with profiling.scope("rel-pos bias"):
         return rel_pos_terms(q, *rel_pos_tables(attn, hw), hw)
 
 
@@ -224,7 +149,7 @@ def sdpa_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
     rel_h, rel_w = _bias_factors(attn, q, (h, w))
     mask = None
     if rel_h is not None:
-        with _scope("rel-pos bias"):
+        with profiling.scope("rel-pos bias"):
             mask = expand_bias(rel_h, rel_w)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
     return _merge_heads(attn, out, (h, w))
@@ -271,7 +196,7 @@ def fused_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
         nh = hs.stop - hs.start
         for s in range(0, n, qstep):
             rows = min(qstep, n - s)
-            with _scope("rel-pos bias"):
+            with profiling.scope("rel-pos bias"):
                 mask = tile[:b * nh * rows * n].view(b, nh, rows, h, w)
                 torch.add(rel_h[:, hs, s:s + rows, :, None], rel_w[:, hs, s:s + rows, None, :], out=mask)
             out[:, hs, s:s + rows] = F.scaled_dot_product_attention(
@@ -304,7 +229,7 @@ def folded_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
     if rel_h is None:
         return _merge_heads(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale), (h, w))
     d = q.shape[-1]
-    with _scope("rel-pos bias"):
+    with profiling.scope("rel-pos bias"):
         qf = torch.cat([q * attn.scale, rel_h, rel_w], dim=-1)
         hot = _one_hot_keys((h, w), k).expand(*k.shape[:2], -1, -1)
         kf = torch.cat([k, hot], dim=-1)
@@ -330,7 +255,7 @@ def tiled_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
         if rel_h is None:
             scores = torch.bmm(qs[:, s:s + step], kt)
         else:
-            with _scope("rel-pos bias"):
+            with profiling.scope("rel-pos bias"):
                 bias = expand_bias(rel_h[:, s:s + step], rel_w[:, s:s + step])
             scores = torch.baddbmm(bias, qs[:, s:s + step], kt)
         torch.bmm(torch.softmax(scores, dim=-1), v, out=out[:, s:s + step])
@@ -430,192 +355,7 @@ def parse_variants(text: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def randomize_rel_pos(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> int:
-    """Fill the relative-position tables with N(0, std) values; return how many tables.
 
-    SAM initialises these tables to zero, so in a random-weights model the bias is 0 and an error
-    check would not exercise the bias path of a variant. Timing does not depend on the values.
-    """
-    g = torch.Generator().manual_seed(seed)
-    mods = attention_modules(model)
-    with torch.no_grad():
-        for m in mods:
-            for p in (m.rel_pos_h, m.rel_pos_w):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return len(mods)
-
-
-def output_error(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """max_abs_err and rel_err (Frobenius norm of the difference over that of `ref`)."""
-    diff = (out.double() - ref.double())
-    return {"max_abs_err": diff.abs().max().item(),
-            "rel_err": (diff.norm() / ref.double().norm().clamp_min(1e-30)).item()}
-
-
-# =============================================================== where the time goes
-
-CATEGORIES = ("attention matmuls", "softmax", "rel-pos bias", "Linear/MLP", "conv/patch embed", "norms", "other")
-_STACK: list[str] = []
-_MODULE_CATEGORY: tuple[tuple[type, str], ...] = (
-    (MLPBlock, "Linear/MLP"), (torch.nn.Linear, "Linear/MLP"), (torch.nn.Conv2d, "conv/patch embed"),
-    (torch.nn.LayerNorm, "norms"), (LayerNorm2d, "norms"))
-_MATMUL_OPS = {"matmul", "bmm", "mm", "baddbmm", "addmm", "einsum", "linear"}
-_SOFTMAX_OPS = {"softmax", "_softmax", "safe_softmax", "_safe_softmax"}
-
-
-def classify_op(name: str) -> str:
-    """The category of an op outside any labelled module: "aten::bmm" -> "attention matmuls"."""
-    base = name.split("::")[-1].split(".")[0]
-    if base in _MATMUL_OPS or "scaled_dot_product" in base or "flash_attention" in base:
-        return "attention matmuls"
-    if base in _SOFTMAX_OPS:
-        return "softmax"
-    return "other"
-
-
-@contextlib.contextmanager
-def category_scopes(module: torch.nn.Module) -> Iterator[None]:
-    """Label the ops of Linear/MLP, conv, norm modules and SAM's rel-pos function by category.
-
-    Module hooks open a `record_function` scope (seen by torch.profiler) and push the category
-    (seen by `flop_categories`); SAM's `add_decomposed_rel_pos` is wrapped the same way.
-    """
-    handles, open_scopes = [], []
-
-    def pre(mod, _inputs, category):
-        _STACK.append(category)
-        rf = torch.profiler.record_function(f"edgelab::{category}")
-        rf.__enter__()
-        open_scopes.append(rf)
-
-    def post(mod, _inputs, _out):
-        open_scopes.pop().__exit__(None, None, None)
-        _STACK.pop()
-
-    for m in module.modules():
-        for kind, category in _MODULE_CATEGORY:
-            if isinstance(m, kind):
-                handles.append(m.register_forward_pre_hook(lambda mod, i, c=category: pre(mod, i, c)))
-                handles.append(m.register_forward_hook(post))
-                break
-    original = sam_encoder.add_decomposed_rel_pos
-
-    def scoped_rel_pos(*args, **kwargs):
-        with _scope("rel-pos bias"):
-            return original(*args, **kwargs)
-
-    sam_encoder.add_decomposed_rel_pos = scoped_rel_pos
-    try:
-        yield
-    finally:
-        sam_encoder.add_decomposed_rel_pos = original
-        for h in handles:
-            h.remove()
-
-
-def _event_category(event) -> str:
-    """Innermost edgelab scope around a profiler event, else the name of its outermost op."""
-    top, node = event, event
-    while node is not None:
-        if node.name.startswith("edgelab::"):
-            return node.name[len("edgelab::"):]
-        top = node
-        node = node.cpu_parent
-    return classify_op(top.name)
-
-
-def profile_categories(module: torch.nn.Module, *inputs: torch.Tensor,
-                       warmup: int = 1) -> tuple[dict[str, float], object]:
-    """Seconds of one forward of `module` by category, from torch.profiler (section "Where the time goes").
-
-    Each op's self time goes to the innermost labelled module around it (`category_scopes`), or
-    else to the category of its outermost op ("aten::bmm" -> attention matmuls, softmax, other).
-    `warmup` unprofiled forwards run first (first calls pay for allocation and lazy setup).
-    Returns:
-        ({category: seconds} in CATEGORIES order, the module's output).
-    """
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the profiler's start/stop chatter quiet
-    for _ in range(warmup):
-        module(*inputs)
-    on_gpu = any(torch.is_tensor(t) and t.is_cuda for t in inputs)
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
-    with category_scopes(module), torch.profiler.profile(activities=acts) as prof:
-        out = module(*inputs)
-        if on_gpu:
-            torch.cuda.synchronize()
-    seconds = dict.fromkeys(CATEGORIES, 0.0)
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CPU:
-            continue
-        # on a GPU an op's time is that of the kernels it launched, not its CPU launch time
-        us = (getattr(ev, "self_device_time_total", None) or 0) if on_gpu else ev.self_cpu_time_total
-        seconds[_event_category(ev)] += us / 1e6
-    return seconds, out
-
-
-class _FlopsByCategory(TorchDispatchMode):
-    """Counts FLOPs per category with torch.utils.flop_counter's formulas."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flops = dict.fromkeys(CATEGORIES, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        packet = func._overloadpacket
-        if packet in flop_registry:
-            category = _STACK[-1] if _STACK else classify_op(packet.__name__)
-            self.flops[category] += int(flop_registry[packet](*args, **kwargs, out_val=out))
-        return out
-
-
-def flop_categories(module: torch.nn.Module, *inputs: torch.Tensor, fake: bool = True) -> dict[str, int]:
-    """FLOPs of one forward of `module` by category (torch.utils.flop_counter's counts).
-
-    Runs on fake tensors (shapes only), so counting vit_h costs no arithmetic; `fake=False` runs
-    the real forward (for code whose shapes depend on values, like SAM's prompt encoder).
-    Softmax, norms and element-wise ops count zero FLOPs there: that is the counter's
-    convention, and the lesson.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    counter = _FlopsByCategory()
-    if not fake:
-        with category_scopes(module), counter, torch.no_grad():
-            module(*inputs)
-        return counter.flops
-    with FakeTensorMode(allow_non_fake_inputs=True) as fake:
-        fake_inputs = [fake.from_tensor(t) if torch.is_tensor(t) else t for t in inputs]
-        with category_scopes(module), counter, torch.no_grad():
-            module(*fake_inputs)
-    return counter.flops
-
-
-def shares(values: Mapping[str, float]) -> dict[str, float]:
-    """Each value over their sum (0 for all when the sum is 0)."""
-    total = sum(values.values())
-    return {k: (v / total if total else 0.0) for k, v in values.items()}
-
-
-def category_table(columns: Mapping[str, Mapping[str, float]]) -> str:
-    """A text table, one row per category, one share column per entry of `columns`.
-
-    `columns` maps a heading ("vit_b time", "vit_b FLOPs") to {category: seconds or FLOPs};
-    each column is shown as shares of its own total, with the total in the last row.
-    """
-    heads = list(columns)
-    width = max(12, *(len(h) for h in heads))
-    lines = [f"{'category':18s}" + "".join(f"{h:>{width + 2}s}" for h in heads)]
-    fractions = {h: shares(columns[h]) for h in heads}
-    for cat in CATEGORIES:
-        lines.append(f"{cat:18s}" + "".join(f"{fractions[h].get(cat, 0.0):>{width + 2}.1%}" for h in heads))
-    totals = []
-    for h in heads:
-        total = sum(columns[h].values())
-        totals.append(f"{total:.3g} s" if "time" in h else f"{total / 1e9:.1f} GFLOP")
-    lines.append(f"{'total':18s}" + "".join(f"{t:>{width + 2}s}" for t in totals))
-    return "\n".join(lines)
 
 
 # =============================================================== scaling with tokens
@@ -629,7 +369,7 @@ def global_block(dim: int = 768, heads: int = 12, grid: int = 64, seed: int = 0,
     """
     torch.manual_seed(seed)
     attn = SamAttention(dim, num_heads=heads, qkv_bias=True, use_rel_pos=True, input_size=(grid, grid)).eval()
-    randomize_rel_pos(attn, seed=seed)
+    models.randomize_rel_pos(attn, seed=seed)
     return attn.to(device), torch.randn(batch, grid, grid, dim).to(device)
 
 
@@ -645,7 +385,6 @@ def block_peak_memory_mb(variants: Sequence[str], grid: int | Sequence[int], dim
     Returns:
         {variant: MB} for one grid; {(grid, variant): MB} when `grid` is a list of grids.
     """
-    from . import bench
 
     grids = [grid] if isinstance(grid, int) else list(grid)
     if torch.device(device).type == "cuda":
@@ -674,7 +413,6 @@ def block_race(variants: Sequence[str], grid: int, dim: int = 768, heads: int = 
     """One global block per variant, interleaved: median_s, iqr_s, the median number of minor
     page faults per call, and the error against the first variant's output (sections
     "Attention variants" and "Scaling with tokens")."""
-    from . import bench
 
     blk, x = global_block(dim, heads, grid, device=device)
     outs: dict[str, torch.Tensor] = {}
@@ -691,17 +429,7 @@ def block_race(variants: Sequence[str], grid: int, dim: int = 768, heads: int = 
         t = bench.compare({v: run(v) for v in variants}, warmup=1, repeats=repeats)
     first = outs[variants[0]]
     return {v: {"median_s": t[v].median_s, "iqr_s": t[v].iqr_s, "page_faults": int(statistics.median(faults[v])),
-                **output_error(outs[v], first)} for v in variants}
-
-
-def timing_model(name: str, img_size: int | None = None, device: str = "cpu", seed: int = 0):
-    """SAM `name` with random weights (timing only) and random rel-pos tables, so errors see the bias."""
-    from . import models
-
-    torch.manual_seed(seed)
-    model = models.load_sam(name, weights="random", img_size=img_size, device=device)
-    randomize_rel_pos(model, seed=seed)
-    return model
+                **bench.output_error(outs[v], first)} for v in variants}
 
 
 # =============================================================== BF16 on this CPU
@@ -713,24 +441,13 @@ def bf16_support() -> dict[str, object]:
     flags; `onednn_bf16` is whether PyTorch's oneDNN build thinks BF16 kernels are worth using.
     Whether BF16 is *faster* is a separate question: `gemm_gflops` measures it.
     """
-    from .bench import machine_info
-
-    info = machine_info()
+    info = bench.machine_info()
     mkldnn_bf16 = None
     with contextlib.suppress(AttributeError, RuntimeError):
         mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     native = bool(info["amx"] or info["avx512_bf16"])
     return {"cpu": info["cpu"], "cpu_capability": info["cpu_capability"], "avx512_bf16": info["avx512_bf16"],
             "amx": info["amx"], "onednn_bf16": mkldnn_bf16, "native_bf16_instructions": native}
-
-
-def gemm_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
-    """Throughput of an n x n x n matmul in `dtype` (GFLOP/s, median of `repeats`)."""
-    from .bench import time_callable
-
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    t = time_callable(lambda: a @ b, warmup=2, repeats=repeats)
-    return 2 * n**3 / t.median_s / 1e9
 
 
 def bf16_verdict(support: Mapping[str, object], gemm_ratio: float, encoder_ratio: float,
@@ -765,27 +482,6 @@ def bf16_verdict(support: Mapping[str, object], gemm_ratio: float, encoder_ratio
         whole += (", far less than the GEMM: casts, the fp32 norms and softmax and the attention "
                   "kernel take their share, as the poster found")
     return f"{why} {whole}; the price is a relative error of {rel_err:.0e} against about 1e-7 for the exact fp32 variants."
-
-
-class bf16_encoder(torch.nn.Module):
-    """The image encoder in BF16: `mode="autocast"` (weights fp32, ops cast) or `"weights"`
-    (a BF16 copy of the weights and activations: the poster's post-training BF16). fp32 output."""
-
-    def __init__(self, encoder: torch.nn.Module, mode: str = "autocast") -> None:
-        super().__init__()
-        if mode not in ("autocast", "weights"):
-            raise ValueError(f"mode must be 'autocast' or 'weights', not {mode!r}")
-        self.mode = mode
-        if mode == "weights":
-            import copy
-            encoder = copy.deepcopy(encoder).to(torch.bfloat16)
-        self.encoder = encoder
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "weights":
-            return self.encoder(x.to(torch.bfloat16)).float()
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return self.encoder(x).float()
 
 
 # =============================================================== prompt batching
@@ -876,9 +572,9 @@ def block_qkv(attn: SamAttention, x: torch.Tensor, variant: str):
     return q[:, :hstep, :qstep], k[:, :hstep], v[:, :hstep], mask, attn.scale
 
 
-__all__ = ["CATEGORIES", "VARIANTS", "EXACT_VARIANTS", "FUSED_TILE_MB", "fused_tiles", "query_chunk", "naive_attention",
-           "decomposed_rel_pos_bias", "check_naive_attention", "check_rel_pos_bias", "check_fold", "set_attention",
-           "use_attention", "attention_of", "attention_modules", "parse_variants", "randomize_rel_pos",
-           "output_error", "profile_categories", "flop_categories", "shares", "category_table",
-           "global_block", "block_peak_memory_mb", "block_race", "timing_model", "bf16_support", "gemm_gflops", "bf16_encoder", "decode_loop",
+__all__ = ["VARIANTS", "EXACT_VARIANTS", "FUSED_TILE_MB", "fused_tiles", "query_chunk", "naive_attention",
+           "decomposed_rel_pos_bias", "set_attention",
+           "use_attention", "attention_of", "attention_modules", "parse_variants", 
+           
+           "global_block", "block_peak_memory_mb", "block_race", "bf16_support", "decode_loop",
            "decode_batched", "decode_ragged", "sdpa_backend", "block_qkv"]

@@ -10,6 +10,7 @@ No test asserts a time: benchmarks report, tests check behaviour.
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import os
 import platform
@@ -441,3 +442,28 @@ def as_table(variants: list[Mapping[str, Any]]) -> str:
 
 __all__ = ["WEIGHT_KINDS", "VARIANT_KEYS", "Timing", "machine_info", "time_callable", "compare",
            "peak_rss_mb", "peak_memory_mb", "peak_memory_series", "cuda_peak_memory_mb", "minor_faults", "count_macs", "bench_record", "save_json", "as_table"]
+
+
+# --- comparing a variant with its reference -----------------------------------------------------
+
+def output_error(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """max_abs_err and rel_err (Frobenius norm of the difference over that of `ref`)."""
+    diff = (out.double() - ref.double())
+    return {"max_abs_err": diff.abs().max().item(),
+            "rel_err": (diff.norm() / ref.double().norm().clamp_min(1e-30)).item()}
+
+
+def size_mb(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> float:
+    """Bytes of `torch.save` of the state dict (what a file on disk holds), in MB."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    return buf.tell() / 2**20
+
+
+def gemm_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """Throughput of an n x n x n matmul in `dtype` (GFLOP/s, median of `repeats`); notebook 01,
+    "BF16 on this CPU"."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    t = time_callable(lambda: a @ b, warmup=2, repeats=repeats)
+    return 2 * n**3 / t.median_s / 1e9

@@ -10,44 +10,117 @@ from typing import Callable
 
 import numpy as np
 import torch
+from segment_anything.modeling import image_encoder as sam_encoder
 
 
 class ExerciseError(AssertionError):
     """A wrong exercise answer; the message says what is wrong and hints at the fix."""
 
 
-def _fail(exercise: str, problem: str, hint: str) -> None:
+def fail(exercise: str, problem: str, hint: str) -> None:
+    """Raise ExerciseError: which exercise, what is wrong, and a hint."""
     raise ExerciseError(f"[{exercise}] {problem}\nHint: {hint}")
 
 
-def _not_done(exercise: str, answer) -> None:
+def require_answer(exercise: str, answer) -> None:
+    """Fail unless the student's function returned something (a stub returns None)."""
     if answer is None or answer is NotImplemented:
-        _fail(exercise, "no answer yet (the function returned None).",
+        fail(exercise, "no answer yet (the function returned None).",
               "replace the `raise NotImplementedError` / `...` stub with your code.")
 
 
 def check_close(exercise: str, answer, expected, hint: str, atol: float = 1e-6, rtol: float = 1e-5) -> None:
     """The generic check: `answer` equals `expected` (shapes and values, within tolerance)."""
-    _not_done(exercise, answer)
+    require_answer(exercise, answer)
     a = torch.as_tensor(np.asarray(answer, dtype=np.float64) if not torch.is_tensor(answer) else answer).double()
     e = torch.as_tensor(np.asarray(expected, dtype=np.float64) if not torch.is_tensor(expected) else expected).double()
     if a.shape != e.shape:
-        _fail(exercise, f"shape {tuple(a.shape)}, expected {tuple(e.shape)}.", hint)
+        fail(exercise, f"shape {tuple(a.shape)}, expected {tuple(e.shape)}.", hint)
     if not torch.allclose(a, e, atol=atol, rtol=rtol):
         worst = (a - e).abs().max().item()
-        _fail(exercise, f"values differ from the expected ones (largest difference {worst:.4g}).", hint)
+        fail(exercise, f"values differ from the expected ones (largest difference {worst:.4g}).", hint)
 
 
-def _run(exercise: str, fn: Callable, *args):
+def call_answer(exercise: str, fn: Callable, *args):
+    """Call the student's function; a stub or a crash becomes an ExerciseError with a hint."""
     try:
         return fn(*args)
     except NotImplementedError:
-        _fail(exercise, "not implemented yet.", "replace the stub with your code and run the cell again.")
+        fail(exercise, "not implemented yet.", "replace the stub with your code and run the cell again.")
     except ExerciseError:
         raise
     except Exception as e:  # a crash in the student's code is a wrong answer with its own hint
-        _fail(exercise, f"your function raised {type(e).__name__}: {e}", "run it on a small example and read the traceback.")
+        fail(exercise, f"your function raised {type(e).__name__}: {e}", "run it on a small example and read the traceback.")
 
+
+# --- notebook 01: attention by hand ---------------------------------------------------------
+
+def _exercise_inputs(seed: int = 0, grid: tuple[int, int] = (3, 4), d: int = 8, batch: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    n = grid[0] * grid[1]
+    q, k, v = (torch.randn(batch, n, d, generator=g) for _ in range(3))
+    tables = (torch.randn(2 * grid[0] - 1, d, generator=g), torch.randn(2 * grid[1] - 1, d, generator=g))
+    return q, k, v, tables
+
+
+def check_naive_attention(fn: Callable[..., torch.Tensor]) -> None:
+    """Notebook 01, exercise "Naive attention": fn(q, k, v, scale) = softmax(q k^T scale) v."""
+    name = "naive attention"
+    q, k, v, _ = _exercise_inputs()
+    got = call_answer(name, fn, q, k, v, 0.5)
+    require_answer(name, got)
+    hint = ("scores = (q * scale) @ k.transpose(-2, -1); softmax over the LAST dim (the keys); "
+            "then multiply by v.")
+    check_close(name, got, torch.softmax(q @ k.transpose(-2, -1) * 0.5, -1) @ v, hint, atol=1e-5)
+    got_t = call_answer(name, fn, q, k, v[..., :3], 0.5)
+    if tuple(got_t.shape) != (2, q.shape[1], 3):
+        fail(name, f"with 3-dim values the output has shape {tuple(got_t.shape)}.",
+              "the output takes its last dimension from v, not from q.")
+
+
+def check_rel_pos_bias(fn: Callable[..., torch.Tensor]) -> None:
+    """Notebook 01, exercise "the decomposed relative-position bias": fn(q, rel_pos_h, rel_pos_w, (H, W)) -> (B, N, N).
+
+    Compared with what SAM's own `add_decomposed_rel_pos` adds to a zero score matrix, on a
+    non-square grid, so swapped height and width axes are caught.
+    """
+    name = "decomposed bias"
+    q, _, _, (th, tw) = _exercise_inputs()
+    hw = (3, 4)
+    n = hw[0] * hw[1]
+    expected = sam_encoder.add_decomposed_rel_pos(torch.zeros(q.shape[0], n, n), q, th, tw, hw, hw)
+    got = call_answer(name, fn, q, th, tw, hw)
+    require_answer(name, got)
+    hint = ("Rh = get_rel_pos(H, H, rel_pos_h) is (H, H, d); rel_h[b, i, j, k] = sum_c q[b, i, j, c] * "
+            "Rh[i, k, c] (einsum 'bhwc,hkc->bhwk'), likewise rel_w with Rw and the column j; then "
+            "bias[b, (i, j), (k, l)] = rel_h[b, i, j, k] + rel_w[b, i, j, l]. Do not scale q here.")
+    check_close(name, got, expected, hint, atol=1e-4, rtol=1e-4)
+
+
+def check_fold(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Notebook 01, exercise "Fold the bias into q and k": fn(q, k, rel_h, rel_w, scale) -> (q', k')
+    with q' @ k'^T == q @ k^T * scale + bias, where bias[(i, j), (a, b)] = rel_h[(i, j), a] + rel_w[(i, j), b].
+    """
+    name = "fold the bias"
+    q, k, _, (th, tw) = _exercise_inputs()
+    hw = (3, 4)
+    rh, rw = (sam_encoder.get_rel_pos(n, n, t) for n, t in zip(hw, (th, tw)))
+    grid_q = q.reshape(-1, hw[0], hw[1], q.shape[-1])
+    rel_h = torch.einsum("bhwc,hkc->bhwk", grid_q, rh).reshape(q.shape[0], -1, hw[0])
+    rel_w = torch.einsum("bhwc,wkc->bhwk", grid_q, rw).reshape(q.shape[0], -1, hw[1])
+    got = call_answer(name, fn, q, k, rel_h, rel_w, 0.5)
+    require_answer(name, got)
+    if not (isinstance(got, (tuple, list)) and len(got) == 2):
+        fail(name, "return a pair (q_folded, k_folded).", "return torch.cat([...], -1) for each of q and k.")
+    qf, kf = got
+    hint = ("q' = [q * scale, rel_h, rel_w] along the last dim; k' = [k, onehot(row of the key), "
+            "onehot(column of the key)]. Key number n sits in row n // W and column n % W.")
+    # SAM's own code adds the same bias to the scaled scores
+    expected = sam_encoder.add_decomposed_rel_pos((q * 0.5) @ k.transpose(-2, -1), q, th, tw, hw, hw)
+    check_close(name, qf @ kf.transpose(-2, -1), expected, hint, atol=1e-4, rtol=1e-4)
+
+
+# --- notebook 00 ------------------------------------------------------------------------------
 
 def check_iou(fn: Callable[[np.ndarray, np.ndarray], float]) -> None:
     """Notebook 00, exercise "IoU by hand": fn(a, b) is |a & b| / |a | b| for boolean masks."""
@@ -57,33 +130,33 @@ def check_iou(fn: Callable[[np.ndarray, np.ndarray], float]) -> None:
     cases = [(a, b, 16 / 48, "half-overlapping bands"), (a, a, 1.0, "a mask with itself"),
              (a, ~a, 0.0, "disjoint masks"), (np.zeros_like(a), np.zeros_like(a), 1.0, "two empty masks")]
     for x, y, want, what in cases:
-        got = _run(name, fn, x, y)
-        _not_done(name, got)
+        got = call_answer(name, fn, x, y)
+        require_answer(name, got)
         if not np.isclose(float(got), want):
             hint = ("two empty masks agree perfectly: return 1.0 when the union is empty."
                     if what == "two empty masks" else
                     "count pixels in both masks (logical and) and in either (logical or), then divide.")
-            _fail(name, f"for {what} you returned {float(got):.4f}, expected {want:.4f}.", hint)
+            fail(name, f"for {what} you returned {float(got):.4f}, expected {want:.4f}.", hint)
 
 
 def check_point_prompt(fn: Callable[[np.ndarray], tuple[float, float]]) -> None:
-    """Notebook 00, exercise "A prompt inside the object": fn(mask) -> (x, y) inside the mask."""
+    """Notebook 00, exercise "a prompt point inside the object": fn(mask) -> (x, y) inside the mask."""
     name = "point prompt"
     yy, xx = np.mgrid[:41, :41]
     r = np.hypot(yy - 20, xx - 20)
     disk, ring = r <= 12, (r >= 10) & (r <= 18)
     for mask, what in [(disk, "a disk"), (ring, "a ring (its centre of mass is in the hole)")]:
-        got = _run(name, fn, mask)
-        _not_done(name, got)
+        got = call_answer(name, fn, mask)
+        require_answer(name, got)
         x, y = (int(round(v)) for v in got)
         if not (0 <= y < mask.shape[0] and 0 <= x < mask.shape[1]) or not mask[y, x]:
-            _fail(name, f"for {what} your point (x={x}, y={y}) is outside the mask.",
+            fail(name, f"for {what} your point (x={x}, y={y}) is outside the mask.",
                   "use the centre of mass when it lies in the mask; otherwise take the pixel with the "
                   "largest distance to the background (scipy.ndimage.distance_transform_edt). "
                   "Mind the order: return (x, y), arrays index [y, x].")
-    got = _run(name, fn, disk)
+    got = call_answer(name, fn, disk)
     if np.hypot(got[0] - 20, got[1] - 20) > 1.0:
-        _fail(name, f"for a disk centred at (20, 20) you returned {tuple(got)}.",
+        fail(name, f"for a disk centred at (20, 20) you returned {tuple(got)}.",
               "inside a convex shape the centre of mass is the point to use.")
 
 
@@ -103,16 +176,16 @@ def check_frobenius_ranking(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Notebook 02, exercise "Rank channels by Frobenius norm": fn(weight) -> channel indices, ascending."""
     name = "Frobenius ranking"
     for weight, expected, what in _frobenius_case():
-        got = _run(name, fn, weight.clone())
-        _not_done(name, got)
+        got = call_answer(name, fn, weight.clone())
+        require_answer(name, got)
         got = [int(i) for i in torch.as_tensor(got).flatten().tolist()]
         if len(got) != weight.shape[0]:
-            _fail(name, f"for {what} you returned {len(got)} indices, expected one per output channel "
+            fail(name, f"for {what} you returned {len(got)} indices, expected one per output channel "
                   f"({weight.shape[0]}).", "output channels are dim 0: flatten each weight[c] and take its norm.")
         if got == expected[::-1]:
-            _fail(name, f"for {what} your order is descending.", "least important first: sort ascending.")
+            fail(name, f"for {what} your order is descending.", "least important first: sort ascending.")
         if got != expected:
-            _fail(name, f"for {what} you returned {got}, expected {expected}.",
+            fail(name, f"for {what} you returned {got}, expected {expected}.",
                   "the Frobenius norm of channel c is sqrt(sum of weight[c]**2) over all its other dims "
                   "(weight.flatten(1).norm(dim=1)); not the sum, not the L1 norm, not the columns.")
 
@@ -133,26 +206,26 @@ def check_prune_conv(fn: Callable[[torch.nn.Conv2d, torch.nn.Conv2d, float], tup
     ratio = 0.4
     n_keep = int(10 * (1 - ratio))
     keep = torch.sort(torch.argsort(conv1.weight.detach().flatten(1).norm(dim=1))[10 - n_keep:]).values
-    got = _run(name, fn, conv1, conv2, ratio)
-    _not_done(name, got)
+    got = call_answer(name, fn, conv1, conv2, ratio)
+    require_answer(name, got)
     if not (isinstance(got, tuple) and len(got) == 2 and all(isinstance(c, torch.nn.Conv2d) for c in got)):
-        _fail(name, f"returned {type(got).__name__}, expected a tuple of two nn.Conv2d.",
+        fail(name, f"returned {type(got).__name__}, expected a tuple of two nn.Conv2d.",
               "build two new convs and return them as (new_conv1, new_conv2).")
     new1, new2 = got
     if any(not torch.equal(a, b) for a, b in zip(before, (conv1.weight, conv1.bias, conv2.weight))):
-        _fail(name, "the original convs were modified.", "copy the kept slices into new layers; leave the inputs alone.")
+        fail(name, "the original convs were modified.", "copy the kept slices into new layers; leave the inputs alone.")
     if new1.out_channels != n_keep or new2.in_channels != n_keep:
-        _fail(name, f"conv1 has {new1.out_channels} output and conv2 {new2.in_channels} input channels, "
+        fail(name, f"conv1 has {new1.out_channels} output and conv2 {new2.in_channels} input channels, "
               f"expected {n_keep} each at ratio {ratio} of 10.",
               "keep int(n * (1 - ratio)) channels; conv2 must take exactly conv1's kept channels as input.")
     if new2.out_channels != conv2.out_channels:
-        _fail(name, "conv2's output channels changed.", "only conv2's input channels follow conv1's pruning.")
+        fail(name, "conv2's output channels changed.", "only conv2's input channels follow conv1's pruning.")
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
         want1 = conv1(x)[:, keep]
         got1 = new1(x)
         if got1.shape != want1.shape or not torch.allclose(got1, want1, atol=1e-5):
-            _fail(name, "conv1's kept channels do not reproduce the original channels with the largest norms.",
+            fail(name, "conv1's kept channels do not reproduce the original channels with the largest norms.",
                   "rank filters by weight.flatten(1).norm(dim=1), keep the top ones in their original order, "
                   "and copy the bias of those channels too.")
         h = torch.relu(conv1(x))
@@ -161,30 +234,53 @@ def check_prune_conv(fn: Callable[[torch.nn.Conv2d, torch.nn.Conv2d, float], tup
         want2 = conv2(h * mask.view(1, 10, 1, 1))
         got2 = new2(torch.relu(got1))
         if not torch.allclose(got2, want2, atol=1e-5):
-            _fail(name, "conv2 does not match: its output should equal the original conv2 fed only the kept channels.",
+            fail(name, "conv2 does not match: its output should equal the original conv2 fed only the kept channels.",
                   "slice conv2.weight[:, keep] (dim 1 is the input channel) and keep its whole bias.")
+
+
+def _affine_params(x: torch.Tensor, bits: int) -> tuple[float, int]:
+    """Asymmetric per-tensor scale and zero point, computed here from the definition (in float32,
+    as torch's observers do) so the check does not lean on chapter 03's own quantizer."""
+    qmin, qmax = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    lo, hi = torch.clamp(x.float().min(), max=0.0), torch.clamp(x.float().max(), min=0.0)
+    scale = (hi - lo) / (qmax - qmin)
+    scale = scale if scale > 0 else torch.ones(())
+    zero = int(torch.clamp(torch.round(qmin - lo / scale), qmin, qmax))
+    return float(scale), zero
+
+
+class _StandInEncoder(torch.nn.Module):
+    """A one-conv image encoder with tiny's interface (256 px in, 128 x 16 x 16 out)."""
+
+    img_size = 256
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, 128, 16, stride=16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
 
 
 def check_scale_zero_point(fn: Callable[[torch.Tensor, int], tuple]) -> None:
     """Notebook 03, exercise "Scale and zero point": fn(x, bits) -> (scale, zero_point), asymmetric,
     per tensor, from x's own range: min maps to -2^(bits-1), max to 2^(bits-1) - 1."""
-    from .quantization import linear_quantize
     name = "scale and zero point"
     for x, bits in [(torch.tensor([-1.0, 0.2, 3.0]), 8), (torch.tensor([0.5, 2.0, -0.25, 1.0]), 4),
                     (torch.linspace(-4.0, 1.0, 11), 8)]:
-        got = _run(name, fn, x.clone(), bits)
-        _not_done(name, got)
+        got = call_answer(name, fn, x.clone(), bits)
+        require_answer(name, got)
         if not (isinstance(got, tuple) and len(got) == 2):
-            _fail(name, f"returned {type(got).__name__}, expected a tuple (scale, zero_point).",
+            fail(name, f"returned {type(got).__name__}, expected a tuple (scale, zero_point).",
                   "return scale, zero_point")
-        want = linear_quantize(x, bits)
+        want_scale, want_zero = _affine_params(x, bits)
         scale, zero = float(got[0]), float(got[1])
-        if abs(scale - float(want.scale)) > 1e-6 * max(1.0, float(want.scale)):
-            _fail(name, f"for {x.tolist()} at {bits} bits your scale is {scale:.6g}, expected {float(want.scale):.6g}.",
+        if abs(scale - want_scale) > 1e-6 * max(1.0, want_scale):
+            fail(name, f"for {x.tolist()} at {bits} bits your scale is {scale:.6g}, expected {want_scale:.6g}.",
                   "scale = (max - min) / (qmax - qmin) with qmin = -2**(bits-1), qmax = 2**(bits-1) - 1 "
                   "(and the range widened to contain 0).")
-        if zero != float(want.zero_point):
-            _fail(name, f"for {x.tolist()} at {bits} bits your zero point is {zero:g}, expected {int(want.zero_point)}.",
+        if zero != want_zero:
+            fail(name, f"for {x.tolist()} at {bits} bits your zero point is {zero:g}, expected {want_zero}.",
                   "zero_point = round(qmin - min / scale), an integer: the integer that real 0 maps to.")
 
 
@@ -195,25 +291,25 @@ def check_quantize_per_channel(fn: Callable[[torch.Tensor, int], tuple]) -> None
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(6, 5, generator=gen) * torch.tensor([0.1, 1.0, 3.0, 0.5, 10.0, 0.01])[:, None]
     for bits in (8, 4):
-        got = _run(name, fn, w.clone(), bits)
-        _not_done(name, got)
+        got = call_answer(name, fn, w.clone(), bits)
+        require_answer(name, got)
         if not (isinstance(got, tuple) and len(got) == 2):
-            _fail(name, f"returned {type(got).__name__}, expected a tuple (q, scale).", "return q, scale")
+            fail(name, f"returned {type(got).__name__}, expected a tuple (q, scale).", "return q, scale")
         q, scale = torch.as_tensor(got[0]), torch.as_tensor(got[1]).float().flatten()
         qmax = 2 ** (bits - 1) - 1
         want_scale = w.abs().amax(dim=1) / qmax
         if scale.numel() != w.shape[0]:
-            _fail(name, f"{scale.numel()} scales for {w.shape[0]} output channels.",
+            fail(name, f"{scale.numel()} scales for {w.shape[0]} output channels.",
                   "one scale per row: w.abs().amax(dim=1) / qmax.")
         if not torch.allclose(scale, want_scale, rtol=1e-5):
-            _fail(name, f"at {bits} bits your scales differ from max|w[c]| / {qmax}.",
+            fail(name, f"at {bits} bits your scales differ from max|w[c]| / {qmax}.",
                   "symmetric: scale = max|w[c]| / (2**(bits-1) - 1), zero point 0.")
         if bits == 8:
             ref = torch.quantize_per_channel(w, want_scale, torch.zeros(6, dtype=torch.long), 0, torch.qint8).int_repr()
         else:
             ref = torch.clamp(torch.round(w / want_scale[:, None]), -qmax, qmax)
         if q.shape != w.shape or not torch.equal(q.round().int(), ref.int()):
-            _fail(name, f"at {bits} bits your integers differ from torch.quantize_per_channel's.",
+            fail(name, f"at {bits} bits your integers differ from torch.quantize_per_channel's.",
                   "q = clamp(round(w / scale[:, None]), -qmax, qmax): divide each row by its own scale.")
 
 
@@ -224,11 +320,11 @@ def check_huber_loss(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Ten
     gen = torch.Generator().manual_seed(4)
     s, t = torch.randn(2, 8, 4, 4, generator=gen) * 2, torch.randn(2, 8, 4, 4, generator=gen)
     for delta in (1.0, 0.25, 5.0):
-        got = _run(name, fn, s.clone(), t.clone(), delta)
-        _not_done(name, got)
+        got = call_answer(name, fn, s.clone(), t.clone(), delta)
+        require_answer(name, got)
         got = torch.as_tensor(got)
         if got.numel() != 1:
-            _fail(name, f"returned {tuple(got.shape)} values, expected one number (the mean over every element).",
+            fail(name, f"returned {tuple(got.shape)} values, expected one number (the mean over every element).",
                   "finish with .mean().")
         want = torch.nn.functional.huber_loss(s, t, delta=delta)
         if not torch.allclose(got.float().reshape(()), want, rtol=1e-5, atol=1e-7):
@@ -237,7 +333,7 @@ def check_huber_loss(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Ten
                     "meet with the same value and slope at |e| = delta.")
             if torch.allclose(got.float().reshape(()), small, rtol=1e-5):
                 hint = "that is half the MSE everywhere: large errors must grow linearly, not quadratically. " + hint
-            _fail(name, f"with delta={delta} your loss is {float(got):.6g}, expected {float(want):.6g}.", hint)
+            fail(name, f"with delta={delta} your loss is {float(got):.6g}, expected {float(want):.6g}.", hint)
 
 
 def check_wire_student(fn: Callable) -> None:
@@ -245,35 +341,34 @@ def check_wire_student(fn: Callable) -> None:
     encoder is `encoder` and whose prompt encoder and mask decoder are the teacher's, frozen."""
     from segment_anything import SamPredictor
     from segment_anything.modeling import Sam
-    from .distillation import StudentEncoder
     from .models import CONFIGS, build_sam
     name = "wire the student in"
     torch.manual_seed(0)
     teacher = build_sam(CONFIGS["tiny"])
-    enc = StudentEncoder("resnet18", img_size=256, grid=16, out_chans=128).eval()
-    sam = _run(name, fn, teacher, enc)
-    _not_done(name, sam)
+    enc = _StandInEncoder().eval()
+    sam = call_answer(name, fn, teacher, enc)
+    require_answer(name, sam)
     if not isinstance(sam, Sam):
-        _fail(name, f"returned {type(sam).__name__}, expected segment_anything's Sam.",
+        fail(name, f"returned {type(sam).__name__}, expected segment_anything's Sam.",
               "build Sam(image_encoder=..., prompt_encoder=..., mask_decoder=..., pixel_mean=..., pixel_std=...).")
     if sam.image_encoder is not enc:
-        _fail(name, "the image encoder is not the student you were given.", "pass image_encoder=encoder.")
+        fail(name, "the image encoder is not the student you were given.", "pass image_encoder=encoder.")
     if sam.prompt_encoder is not teacher.prompt_encoder or sam.mask_decoder is not teacher.mask_decoder:
-        _fail(name, "the prompt encoder or mask decoder is not the teacher's own.",
+        fail(name, "the prompt encoder or mask decoder is not the teacher's own.",
               "reuse teacher.prompt_encoder and teacher.mask_decoder (the same objects, not new ones).")
     trainable = [n for n, p in list(sam.prompt_encoder.named_parameters()) + list(sam.mask_decoder.named_parameters())
                  if p.requires_grad]
     if trainable:
-        _fail(name, f"{len(trainable)} decoder parameters would still be trained (e.g. {trainable[0]}).",
+        fail(name, f"{len(trainable)} decoder parameters would still be trained (e.g. {trainable[0]}).",
               "freeze them: p.requires_grad_(False) for every parameter of the prompt encoder and mask decoder.")
     if not (torch.equal(sam.pixel_mean, teacher.pixel_mean) and torch.equal(sam.pixel_std, teacher.pixel_std)):
-        _fail(name, "the pixel normalisation differs from the teacher's.",
+        fail(name, "the pixel normalisation differs from the teacher's.",
               "pass the teacher's pixel_mean and pixel_std (as lists: teacher.pixel_mean.flatten().tolist()).")
     predictor = SamPredictor(sam.eval())
     predictor.set_image(np.zeros((64, 80, 3), np.uint8))
     masks, _, _ = predictor.predict(point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1]))
     if masks.shape != (3, 64, 80):
-        _fail(name, f"SamPredictor gave masks of shape {masks.shape}, expected (3, 64, 80).",
+        fail(name, f"SamPredictor gave masks of shape {masks.shape}, expected (3, 64, 80).",
               "the student must keep the teacher's img_size so SamPredictor resizes the image the same way.")
 
 
@@ -285,13 +380,13 @@ def check_choose(fn: Callable) -> None:
             {"name": "fast", "median_s": 0.003, "miou": 0.55}, {"name": "fast twin", "median_s": 0.004, "miou": 0.55}]
     cases = [(1.0, "big"), (0.020, "big"), (0.0199, "mid"), (0.005, "fast"), (0.001, None)]
     for budget, want in cases:
-        got = _run(name, fn, [dict(r) for r in rows], budget)
+        got = call_answer(name, fn, [dict(r) for r in rows], budget)
         if want is None and got is None:
             continue
-        _not_done(name, got)
+        require_answer(name, got)
         got_name = got.get("name") if isinstance(got, dict) else got
         if got_name != want:
-            _fail(name, f"with a budget of {budget * 1e3:g} ms you chose {got_name!r}, expected {want!r}.",
+            fail(name, f"with a budget of {budget * 1e3:g} ms you chose {got_name!r}, expected {want!r}.",
                   "keep the rows with median_s <= budget, then take the highest miou (ties: the faster); "
                   "return None when nothing fits.")
 
@@ -307,12 +402,12 @@ def check_edge_preprocess(fn: Callable) -> None:
     std = np.array([58.395, 57.12, 57.375], np.float32)
     want = np.zeros((1, 3, 64, 64), np.float32)
     want[0, :, :48, :] = ((image - mean) / std).transpose(2, 0, 1)
-    got = _run(name, fn, image, mean, std, 64)
-    _not_done(name, got)
+    got = call_answer(name, fn, image, mean, std, 64)
+    require_answer(name, got)
     got = np.asarray(got)
     if got.shape != want.shape:
-        _fail(name, f"shape {got.shape}, expected {want.shape}.",
+        fail(name, f"shape {got.shape}, expected {want.shape}.",
               "channels first with a batch axis: (1, 3, size, size); transpose(2, 0, 1) then add an axis.")
     if np.abs(got[0, :, 48:, :]).max() > 0:
-        _fail(name, "the padding is not zero.", "normalise first, then pad with zeros (SamPredictor pads after normalising).")
+        fail(name, "the padding is not zero.", "normalise first, then pad with zeros (SamPredictor pads after normalising).")
     check_close(name, got, want, "subtract the mean and divide by the std per channel, as float32.", atol=1e-5)

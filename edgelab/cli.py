@@ -114,7 +114,7 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
     names = list(dict.fromkeys(["reference", *variants]))
     kind = models.weights_label(model)
     if kind == "random":  # SAM zero-initialises the tables: make the bias path count in the errors
-        attention.randomize_rel_pos(model, seed=args.seed)
+        models.randomize_rel_pos(model, seed=args.seed)
     size = model.image_encoder.img_size
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, 3, size, size, generator=gen).to(args.device)
@@ -141,7 +141,7 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
     rows = []
     for n in names:
         row = {"name": n, "batch": args.batch, "image_size": size, "median_s": t[n].median_s,
-               "iqr_s": t[n].iqr_s, "params": params, **attention.output_error(outs[n], outs["reference"])}
+               "iqr_s": t[n].iqr_s, "params": params, **bench.output_error(outs[n], outs["reference"])}
         if n in mem:
             row["peak_mem_mb"] = mem[n]
         rows.append(row)
@@ -162,7 +162,7 @@ def _memory_setup(args, kind: str, size: int) -> str:
             "from edgelab import attention, models\n"
             f"model = models.load_sam({args.model!r}, checkpoint={ckpt}, weights={weights}, "
             f"device={args.device!r}, img_size={img})\n"
-            + ("attention.randomize_rel_pos(model, seed=%d)\n" % args.seed if kind == "random" else "")
+            + ("models.randomize_rel_pos(model, seed=%d)\n" % args.seed if kind == "random" else "")
             + f"x = torch.randn({args.batch}, 3, {size}, {size}, generator=torch.Generator().manual_seed({args.seed}))"
             f".to({args.device!r})\n")
 
@@ -215,9 +215,10 @@ def cmd_bench_quant(args) -> dict:
     model = _load_sized(args)
     kind = models.weights_label(model)
     if kind == "random":  # SAM zero-initialises the tables: make the bias path count in the errors
-        attention.randomize_rel_pos(model, seed=0)
+        models.randomize_rel_pos(model, seed=0)
+    prepare = None if att in (None, "reference") else (lambda m: attention.set_attention(m, att))
     rows = quantization.quant_table(model, names, n_eval=None if kind == "random" else args.scenes,
-                                    repeats=args.repeats, attention_variant=att, progress=not args.json)
+                                    repeats=args.repeats, prepare=prepare, progress=not args.json)
     ref = "fp32_reference" if any(r["name"] == "fp32_reference" for r in rows) else "fp32"
     for r in rows:
         r["image_size"] = model.image_encoder.img_size

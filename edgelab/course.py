@@ -24,7 +24,7 @@ from pathlib import Path
 import nbformat
 
 from .checks import ExerciseError
-from .runner import NOTEBOOKS_DIR, notebooks
+from .workbook import NOTEBOOKS_DIR, notebooks
 
 MARKER = re.compile(r"^#\s*EXERCISE:\s*(\w+)\s*$")
 STUB = ("# YOUR CODE HERE: write this function, then run the cell; the check says what is still wrong.",

@@ -29,7 +29,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
-from . import attention, bench, distillation, evaluate, models, pruning, quantization, scenes
+from . import attention, bench, distillation, evaluate, models, profiling, pruning, quantization, scenes
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = 1  # point prompts per frame in the end-to-end latency: one tracked object (prompt_sweep: more)
@@ -148,7 +148,7 @@ def torch_variant(name: str, sam: Sam, image: np.ndarray, points: np.ndarray,
         with torch.inference_mode():
             return evaluate.predict_masks(pred, img, points=pts)
 
-    size = quantization.size_mb(sam) if size_mb is None else size_mb
+    size = bench.size_mb(sam) if size_mb is None else size_mb
     return Variant(name, "pytorch", run_frame, run_encoder, segment, size, sam)
 
 
@@ -200,16 +200,16 @@ def build_stack(tiny: Sam, run_dir: str | Path, cfg: StackConfig = StackConfig()
     """
     cfg.check()
     run_dir = _run_folder(run_dir)
-    steps: dict[str, tuple[Sam, float]] = {"reference": (tiny, quantization.size_mb(tiny))}
+    steps: dict[str, tuple[Sam, float]] = {"reference": (tiny, bench.size_mb(tiny))}
     f = fused(tiny, cfg)
-    steps["fused"] = (f, quantization.size_mb(f))
+    steps["fused"] = (f, bench.size_mb(f))
     p = pruned(tiny, cfg, progress)
     pruning.save_pruned(p, run_dir / "pruned.pt")
     attention.set_attention(p, cfg.attention)
-    steps["pruned"] = (p, quantization.size_mb(p))
+    steps["pruned"] = (p, bench.size_mb(p))
     steps["pruned+int8"] = quantization.make_variant(p, cfg.quant)
     s = distillation.deployable(distillation.load_shipped_student(tiny))
-    steps["student"] = (s, quantization.size_mb(s))
+    steps["student"] = (s, bench.size_mb(s))
     steps["student+int8"] = quantization.make_variant(s, cfg.quant)
     return steps
 
@@ -321,7 +321,7 @@ def export_onnx(sam: Sam, out_dir: str | Path, prefix: str = "tiny") -> tuple[Pa
 
 def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     """ONNX Runtime's own dynamic INT8 quantization (weights int8, activations quantized per
-    call): the MatMul and Gemm weights; the metadata is kept (section "ONNX Runtime INT8")."""
+    call): the MatMul and Gemm weights; the metadata is kept (section "Every variant, measured the same way")."""
     import logging
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -496,7 +496,7 @@ def stack_table(rows: Sequence[dict]) -> str:
 # ================================================================ choosing under a budget
 
 def choose(rows: Sequence[dict], budget_s: float, latency: Mapping[str, float] | None = None) -> dict | None:
-    """The most accurate variant whose frame fits `budget_s` (section "Choosing under a budget").
+    """The most accurate variant whose frame fits `budget_s` (section "Choosing a model under a latency budget").
 
     `latency` overrides the rows' measured `median_s` (e.g. re-measured on a busier machine).
     Ties in mIoU go to the faster. None when nothing fits.
@@ -574,9 +574,9 @@ def layer_kinds(variants: Mapping[str, Variant], points: np.ndarray, image: np.n
         frame = Frame(v.sam, points)
         x = torch_input(v.sam, image)
         with torch.inference_mode():
-            runs = [attention.profile_categories(frame, x)[0] for _ in range(repeats)]
-        seconds = {c: float(np.median([r[c] for r in runs])) for c in attention.CATEGORIES}
-        out[name] = {"time": _by_kind(seconds), "flops": _by_kind(attention.flop_categories(frame, x, fake=False))}
+            runs = [profiling.profile_categories(frame, x)[0] for _ in range(repeats)]
+        seconds = {c: float(np.median([r[c] for r in runs])) for c in profiling.CATEGORIES}
+        out[name] = {"time": _by_kind(seconds), "flops": _by_kind(profiling.flop_categories(frame, x, fake=False))}
     return out
 
 
@@ -589,7 +589,7 @@ def initial_final(names: Sequence[str] = ("vit_b",), img_size: int = 1024, batch
     chapter 03's INT8), random weights, timing only (section "The poster's table")."""
     rows = []
     for name in tqdm(names, desc="initial vs final", disable=not progress, leave=False):
-        sam = attention.timing_model(name, img_size)
+        sam = models.timing_model(name, img_size)
         final, _ = quantization.make_variant(attention.set_attention(copy.deepcopy(sam), final_attention), final_quant)
         x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
         outs = {}
@@ -601,7 +601,7 @@ def initial_final(names: Sequence[str] = ("vit_b",), img_size: int = 1024, batch
             return fn
 
         t = bench.compare({"initial": run(sam, "initial"), "final": run(final, "final")}, warmup=1, repeats=repeats)
-        err = attention.output_error(outs["final"].float(), outs["initial"].float())
+        err = bench.output_error(outs["final"].float(), outs["initial"].float())
         rows.append({"model": name, "params": models.count_params(sam.image_encoder), "img_size": img_size,
                      "batch": batch, "initial_s": t["initial"].median_s / batch, "final_s": t["final"].median_s / batch,
                      "rel_err": err["rel_err"], "weights": "random"})

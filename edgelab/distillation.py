@@ -112,7 +112,7 @@ STUDENTS: dict[str, Callable[[], tuple[nn.Module, int, int]]] = {
 
 
 class StudentEncoder(nn.Module):
-    """A CNN trunk and a neck standing in for SAM's ImageEncoderViT (section "Students").
+    """A CNN trunk and a neck standing in for SAM's ImageEncoderViT (section "Training the students").
 
     Takes the same normalised, padded (img_size x img_size) input as the teacher's encoder and
     returns an embedding of the same shape: (B, out_chans, grid, grid).
@@ -165,7 +165,7 @@ def deployable(sam: Sam) -> Sam:
 
 def student_sam(teacher: Sam, encoder: nn.Module) -> Sam:
     """A SAM whose image encoder is `encoder` and whose prompt encoder and mask decoder are the
-    teacher's, frozen and shared (section "Wiring the student in")."""
+    teacher's, frozen and shared (section "Training the students")."""
     for p in list(teacher.prompt_encoder.parameters()) + list(teacher.mask_decoder.parameters()):
         p.requires_grad_(False)
     sam = Sam(image_encoder=encoder, prompt_encoder=teacher.prompt_encoder,
@@ -189,7 +189,7 @@ def make_student(teacher: Sam, kind: str, seed: int = 0) -> Sam:
 
 def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "huber",
                    delta: float = 1.0) -> torch.Tensor:
-    """Distance between two embeddings, averaged over every element (section "The loss").
+    """Distance between two embeddings, averaged over every element (section "Huber, MSE or L1?").
 
     huber: 0.5 e^2 where |e| <= delta, else delta (|e| - 0.5 delta), with e = student - teacher
     (quadratic near the target, linear for outliers); mse: e^2; l1: |e|.
@@ -449,7 +449,7 @@ def eval_images(n: int) -> list[np.ndarray]:
 
 def students_table(teacher: Sam, students: dict[str, Sam], n_eval: int = 20, repeats: int = 30,
                    progress: bool = True, number: int = 10) -> list[dict]:
-    """The slides' table on our models (section "The students table"): one row per model with
+    """The slides' table on our models (section "The slides' table on our models"): one row per model with
     params, MACs, encoder latency (batch 1, blocks of `number` consecutive frames, all models
     interleaved in one run), speed-up over the teacher, point mIoU against the ground truth and
     agreement (mIoU) with the teacher's masks."""

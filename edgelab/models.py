@@ -9,6 +9,7 @@ Weights come from one of three places, and every result says which (`weights_kin
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
                                        TwoWayTransformer)
-from segment_anything.modeling.image_encoder import PatchEmbed
+from segment_anything.modeling.image_encoder import Attention as SamAttention, PatchEmbed
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 TINY_WEIGHTS = DATA_DIR / "sam_tiny.pt"
@@ -319,3 +320,50 @@ def describe(name: str) -> dict:
     d = asdict(cfg)
     d.update(tokens=cfg.grid ** 2, grid=cfg.grid)
     return d
+
+
+# --- models for timing studies (random weights, labelled so) ----------------------------------
+
+def randomize_rel_pos(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> int:
+    """Fill the relative-position tables (notebook 01, "Attention variants") with N(0, std) values; return how many tables.
+
+    SAM initialises these tables to zero, so in a random-weights model the bias is 0 and an error
+    check would not exercise the bias path of a variant. Timing does not depend on the values.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mods = [m for m in model.modules() if isinstance(m, SamAttention)]
+    with torch.no_grad():
+        for m in mods:
+            for p in (m.rel_pos_h, m.rel_pos_w):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return len(mods)
+
+
+def timing_model(name: str, img_size: int | None = None, device: str = "cpu", seed: int = 0):
+    """SAM `name` with random weights (timing only) and random rel-pos tables, so errors see the bias."""
+    torch.manual_seed(seed)
+    model = load_sam(name, weights="random", img_size=img_size, device=device)
+    randomize_rel_pos(model, seed=seed)
+    return model
+
+
+class BF16Encoder(torch.nn.Module):
+    """The image encoder in BF16: `mode="autocast"` (weights fp32, ops cast) or `"weights"`
+    (a BF16 copy of the weights and activations: post-training BF16). fp32 output.
+
+    Notebook 01, "BF16 on this CPU"; notebook 03 races it against the INT8 variants."""
+
+    def __init__(self, encoder: torch.nn.Module, mode: str = "autocast") -> None:
+        super().__init__()
+        if mode not in ("autocast", "weights"):
+            raise ValueError(f"mode must be 'autocast' or 'weights', not {mode!r}")
+        self.mode = mode
+        if mode == "weights":
+            encoder = copy.deepcopy(encoder).to(torch.bfloat16)
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "weights":
+            return self.encoder(x.to(torch.bfloat16)).float()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.encoder(x).float()

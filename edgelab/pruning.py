@@ -11,7 +11,7 @@ lowest fraction, and fine-tune. Sections of the notebook and the functions that 
     channels, SAM's attention heads and head channels by hand), architecture, save_pruned,
     load_pruned;
   - "Sensitivity scan": sensitivity_scan, plan_from_scan;
-  - "20/40/60% and fine-tuning": finetune, encoder_macs.
+  - "20 / 40 / 60% and fine-tuning": finetune, encoder_macs.
 Counting rule, the same everywhere: a layer of n channels pruned at ratio r keeps
 int(n * (1 - r)) of them (at least one), the ones with the largest norms; in SAM's encoder the
 widths of MLPs, embedding and neck are then rounded down to a multiple of 8 (PrunePlan.round_to).
@@ -622,7 +622,7 @@ def finetune(sam: Sam, cfg: FinetuneConfig, teacher: Sam | None = None,
     (the unpruned model), the encoder is also pulled toward the teacher's image embedding
     (cfg.mask = 0: only that, which needs no decoder pass and is about twice as cheap a step).
     Only the image encoder is trained: the prompt encoder and mask decoder stay as they were.
-    Notebook 02, "20/40/60% and fine-tuning".
+    Notebook 02, "20 / 40 / 60% and fine-tuning".
     """
     from . import training
     if cfg.distill > 0 and teacher is None:

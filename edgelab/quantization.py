@@ -1,13 +1,13 @@
 """Chapter 03: linear quantization, by hand and then with integer kernels that pay on a CPU.
 
 Sections of notebooks/03_linear_quantization.ipynb and the functions that carry them:
-  - "r = S (q - Z) by hand": linear_quantize, linear_dequantize, quantization_error;
+  - "r = S (q − Z) by hand": linear_quantize, linear_dequantize, quantization_error;
   - "Weights and activations, with the grid": capture_activations (histograms in the notebook);
   - "Post-training quantization of the encoder": fake_quantize_weights (weight-only INT8/INT4),
     Int8Linear and quantize_w8a8 (W8A8 dynamic, a real int8 GEMM), quantize_ao_dynamic,
     quantize_torchao, calibrate / quantize_static (static activations, min/max or percentile),
-    bf16 via attention.bf16_encoder;
-  - "The report's tables": size_mb, quant_variants, encoder_error;
+    bf16 via models.BF16Encoder;
+  - "Post-training quantization of SAM": quant_table, make_variant, encoder_error (sizes from bench.size_mb);
   - "Sensitivity and mixed precision": block_sensitivity, mixed_precision.
 Rule used throughout: a b-bit integer lives in [-2^(b-1), 2^(b-1) - 1]; symmetric quantization
 has zero point 0 and uses [-(2^(b-1) - 1), 2^(b-1) - 1] so that +x and -x quantize alike.
@@ -15,13 +15,14 @@ has zero point 0 and uses [-(2^(b-1) - 1), 2^(b-1) - 1] so that +x and -x quanti
 from __future__ import annotations
 
 import copy
-import io
 from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
+
+from . import bench, evaluate, models
 
 BITS = tuple(range(2, 9)) + (16,)
 
@@ -55,7 +56,7 @@ def _reduce(x: torch.Tensor, axis: int | None, fn: Callable) -> torch.Tensor:
 
 def linear_quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = False,
                     axis: int | None = None) -> QTensor:
-    """Quantize `x` to `bits`-bit integers from its own range (notebook 03, "r = S (q - Z) by hand").
+    """Quantize `x` to `bits`-bit integers from its own range (notebook 03, "r = S (q − Z) by hand").
 
     Asymmetric: scale = (max - min) / (qmax - qmin), zero_point = round(qmin - min / scale), so
     min maps to qmin and max to qmax. Symmetric: scale = max|x| / qmax, zero_point = 0.
@@ -395,19 +396,10 @@ def packed_state(model: nn.Module, names: Iterable[str] = (), bits: int = 8) -> 
     return state
 
 
-def size_mb(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> float:
-    """Bytes of `torch.save` of the state dict (what a file on disk holds), in MB."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    buf = io.BytesIO()
-    torch.save(dict(state), buf)
-    return buf.tell() / 2**20
-
-
 def encoder_error(model: Sam, reference: Sam, x: torch.Tensor) -> dict[str, float]:
     """Max abs and relative error of `model`'s image embedding against `reference`'s on x."""
-    from . import attention
     with torch.inference_mode():
-        return attention.output_error(model.image_encoder(x).float(), reference.image_encoder(x).float())
+        return bench.output_error(model.image_encoder(x).float(), reference.image_encoder(x).float())
 
 
 # =============================================================== the report's tables
@@ -421,7 +413,7 @@ def _weight_layers(model: nn.Module) -> list[str]:
 
 
 def make_variant(sam: Sam, name: str) -> tuple[Sam, float]:
-    """(a copy of `sam` as variant `name`, its size on disk in MB). Section "The report's tables".
+    """(a copy of `sam` as variant `name`, its size on disk in MB). Section "Post-training quantization of SAM".
 
     fp32: as is. bf16: the image encoder's weights and activations in BF16 (decoder fp32).
     int8/int4_weight_only: weights rounded per channel, arithmetic fp32 (size as packed).
@@ -429,19 +421,18 @@ def make_variant(sam: Sam, name: str) -> tuple[Sam, float]:
     quantize_dynamic. w8a8_torchao: torchao's int8 dynamic config. The W8A8 variants quantize
     the Linear layers of encoder and decoder; w8a8 also stores the convolutions as int8.
     """
-    from . import attention
     if name == "fp32":
-        return sam, size_mb(sam)
+        return sam, bench.size_mb(sam)
     if name == "bf16":
         out = copy.deepcopy(sam)
-        enc = attention.bf16_encoder(out.image_encoder, "weights")
+        enc = models.BF16Encoder(out.image_encoder, "weights")
         enc.img_size = sam.image_encoder.img_size
         out.image_encoder = enc
-        return out, size_mb(out)
+        return out, bench.size_mb(out)
     if name in ("int8_weight_only", "int4_weight_only"):
         bits = 8 if name.startswith("int8") else 4
         out = fake_quantize_weights(sam, bits, PARTS)
-        return out, size_mb(packed_state(out, _weight_layers(out), bits))
+        return out, bench.size_mb(packed_state(out, _weight_layers(out), bits))
     if name == "w8a8":
         out = quantize_w8a8(sam, PARTS)
     elif name == "w8a8_fbgemm":
@@ -452,7 +443,7 @@ def make_variant(sam: Sam, name: str) -> tuple[Sam, float]:
         out = quantize_torchao(sam, PARTS)
     else:
         raise ValueError(f"unknown quantization variant {name!r}: use {', '.join(VARIANTS)}")
-    return out, size_mb(out)
+    return out, bench.size_mb(out)
 
 
 def parse_variants(text: str) -> list[str]:
@@ -464,26 +455,26 @@ def parse_variants(text: str) -> list[str]:
 
 
 def quant_table(sam: Sam, names: Sequence[str] = VARIANTS, n_eval: int | None = None,
-                repeats: int = 5, seed: int = 0, attention_variant: str | None = None,
+                repeats: int = 5, seed: int = 0, prepare: Callable[[nn.Module], nn.Module] | None = None,
                 progress: bool = False) -> list[dict]:
     """Notebook 03's Table 2: per variant size_mb, encoder median_s (all timed in one interleaved
     run), rel_err of the image embedding against fp32, and mIoU on `n_eval` eval scenes.
 
-    With `attention_variant` (e.g. "fused", chapter 01) every variant runs that attention, and a
-    row `fp32_reference` (fp32 with SAM's own attention) joins the same timed run.
+    With `prepare` (e.g. chapter 01's fused attention: `lambda m: attention.set_attention(m,
+    "fused")`) every variant is passed through it, and a row `fp32_reference` (`sam` as given)
+    joins the same timed run.
     """
     from tqdm.auto import tqdm
-    from . import attention, bench, evaluate
     names = list(dict.fromkeys(["fp32", *names]))
     models_, rows = {}, {}
     for n in tqdm(names, desc="quantize", disable=not progress, leave=False):
         m, size = make_variant(sam, n)
-        if attention_variant:
-            m = attention.set_attention(copy.deepcopy(m) if m is sam else m, attention_variant)
+        if prepare is not None:
+            m = prepare(copy.deepcopy(m) if m is sam else m)
         models_[n], rows[n] = m, {"name": n, "size_mb": size}
-    if attention_variant and attention_variant != "reference":
+    if prepare is not None:
         names.append("fp32_reference")
-        models_["fp32_reference"] = attention.set_attention(sam, "reference")
+        models_["fp32_reference"] = sam
         rows["fp32_reference"] = {"name": "fp32_reference", "size_mb": rows["fp32"]["size_mb"]}
     size_px = sam.image_encoder.img_size
     x = torch.randn(1, 3, size_px, size_px, generator=torch.Generator().manual_seed(seed)).to(sam.device)
@@ -498,7 +489,7 @@ def quant_table(sam: Sam, names: Sequence[str] = VARIANTS, n_eval: int | None = 
         t = bench.compare({n: runner(n) for n in names}, warmup=1, repeats=repeats)
     for n in names:
         rows[n].update(median_s=t[n].median_s, iqr_s=t[n].iqr_s,
-                       **attention.output_error(outs[n].float(), outs["fp32"].float()))
+                       **bench.output_error(outs[n].float(), outs["fp32"].float()))
         if n_eval:
             rows[n]["miou"] = evaluate.evaluate_scenes(models_[n], n_eval, progress=False).miou
     return [rows[n] for n in names]
@@ -546,7 +537,7 @@ def mixed_precision(sam: Sam, keep: Iterable[str], low_bits: int = 4, high_bits:
     state = packed_state(out, low, low_bits)
     for n in high:  # the high-precision layers, packed at their own width
         state.update(_packed(n, state.pop(f"{n}.weight"), high_bits))
-    return out, size_mb(state)
+    return out, bench.size_mb(state)
 
 
 __all__ = ["VARIANTS", "PARTS", "make_variant", "parse_variants", "quant_table", "layer_groups",
@@ -554,4 +545,4 @@ __all__ = ["VARIANTS", "PARTS", "make_variant", "parse_variants", "quant_table",
            "quantization_error", "torch_quantize", "quantizable_layers", "fake_quantize_weights",
            "Int8Linear", "Int8WeightConv", "quantize_w8a8", "quantize_ao_dynamic", "torchao_available", "quantize_torchao",
            "capture_activations", "calibrate", "StaticQuantLinear", "quantize_static", "packed_state",
-           "size_mb", "encoder_error"]
+           "encoder_error"]

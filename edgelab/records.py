@@ -141,7 +141,7 @@ README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 def missing_chapters(chapters: Iterable[str]) -> list[str]:
     """The workbook's notebooks (by name) that have no results record among `chapters`: what a
     run completed piece by piece (`edgelab run --only ... --out SAME_DIR`) still lacks."""
-    from .runner import notebooks
+    from .workbook import notebooks
     have = set(chapters)
     return [nb.stem for nb in notebooks() if nb.stem not in have]
 

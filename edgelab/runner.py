@@ -13,32 +13,9 @@ import time
 from pathlib import Path
 
 from . import records
+from .workbook import NOTEBOOKS_DIR, notebooks  # noqa: F401  (runner.notebooks is public)
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 _FULL = re.compile(r"^\s*(\w+)\s*=.*#\s*full:\s*(.+?)\s*$")
-
-
-def notebooks(only: list[str] | None = None) -> list[Path]:
-    """The chapter notebooks in order, or those whose name starts with one of `only`.
-
-    An entry of `only` that is the path of an existing .ipynb file is taken as it is (a notebook
-    of your own with a `parameters` cell).
-    """
-    found = sorted(NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
-    if not only:
-        return found
-    picked, missing = [], []
-    for o in only:
-        if o.endswith(".ipynb") and Path(o).is_file():
-            picked.append(Path(o).resolve())
-            continue
-        hits = [p for p in found if p.stem.startswith(o.removesuffix(".ipynb"))]
-        picked += [p for p in hits if p not in picked]
-        if not hits:
-            missing.append(o)
-    if missing:
-        raise ValueError(f"no notebook named {', '.join(missing)} in {NOTEBOOKS_DIR}")
-    return picked
 
 
 def parameters_cell(path: Path) -> str:

@@ -10,7 +10,7 @@ import torch
 from segment_anything.modeling import image_encoder as sam_encoder
 
 from edgelab import attention as A
-from edgelab import bench, checks, models
+from edgelab import bench, checks, models, profiling
 from conftest import run_cli
 
 FAST = [v for v in A.VARIANTS if v != "compiled"]  # compiling takes minutes on 2 cores
@@ -21,7 +21,7 @@ def tiny_bias():
     """The tiny SAM with random weights and random (non-zero) relative-position tables."""
     torch.manual_seed(0)
     model = models.load_sam("tiny", weights="random")
-    assert A.randomize_rel_pos(model, seed=1) == 6
+    assert models.randomize_rel_pos(model, seed=1) == 6
     return model
 
 
@@ -40,7 +40,7 @@ def tiny_reference(tiny_bias, tiny_input):
 def test_variant_reproduces_reference_encoder(variant, tiny_bias, tiny_input, tiny_reference):
     with torch.inference_mode(), A.use_attention(tiny_bias, variant):
         out = tiny_bias.image_encoder(tiny_input)
-    err = A.output_error(out, tiny_reference)
+    err = bench.output_error(out, tiny_reference)
     assert err["rel_err"] < 1e-5 and err["max_abs_err"] < 1e-4, err
 
 
@@ -56,7 +56,7 @@ def test_chunked_variants_exact_with_many_chunks(variant, monkeypatch):
         assert A.query_chunk(4, 30, 30) == 7               # tiled: 7 queries of all 4 (batch, head) pairs
         assert A.fused_tiles(2, 2, 30) == (1, 14)         # fused: one head, 14 queries of both images
         out = A.set_attention(blk, variant)(x)
-    assert A.output_error(out, ref)["rel_err"] < 1e-5
+    assert bench.output_error(out, ref)["rel_err"] < 1e-5
 
 
 def test_folded_without_relative_positions():
@@ -124,48 +124,48 @@ def test_decomposed_bias_matches_sam():
 
 
 def test_exercise_checks_accept_solutions_and_reject_mistakes():
-    A.check_naive_attention(A.naive_attention)
-    A.check_rel_pos_bias(A.decomposed_rel_pos_bias)
+    checks.check_naive_attention(A.naive_attention)
+    checks.check_rel_pos_bias(A.decomposed_rel_pos_bias)
     with pytest.raises(checks.ExerciseError, match="naive attention"):
-        A.check_naive_attention(lambda q, k, v, s: torch.softmax(q @ k.transpose(-2, -1) * s, 1) @ v)
+        checks.check_naive_attention(lambda q, k, v, s: torch.softmax(q @ k.transpose(-2, -1) * s, 1) @ v)
     with pytest.raises(checks.ExerciseError, match="no answer yet"):
-        A.check_naive_attention(lambda q, k, v, s: None)
+        checks.check_naive_attention(lambda q, k, v, s: None)
     with pytest.raises(checks.ExerciseError, match="not implemented"):
-        A.check_rel_pos_bias(lambda *a: (_ for _ in ()).throw(NotImplementedError))
+        checks.check_rel_pos_bias(lambda *a: (_ for _ in ()).throw(NotImplementedError))
 
     def swapped(q, th, tw, hw):  # height and width tables exchanged
         return A.decomposed_rel_pos_bias(q, tw, th, hw[::-1])
     with pytest.raises(checks.ExerciseError, match="decomposed bias"):
-        A.check_rel_pos_bias(swapped)
+        checks.check_rel_pos_bias(swapped)
 
     def scaled(q, th, tw, hw):  # q scaled before the bias: SAM uses the unscaled q
         return A.decomposed_rel_pos_bias(q * q.shape[-1] ** -0.5, th, tw, hw)
     with pytest.raises(checks.ExerciseError):
-        A.check_rel_pos_bias(scaled)
+        checks.check_rel_pos_bias(scaled)
 
 
 def test_categories_cover_time_and_flops(tiny_bias):
     x = torch.randn(1, 3, 256, 256)
-    flops = A.flop_categories(tiny_bias.image_encoder, x)
-    assert set(flops) == set(A.CATEGORIES)
+    flops = profiling.flop_categories(tiny_bias.image_encoder, x)
+    assert set(flops) == set(profiling.CATEGORIES)
     assert sum(flops.values()) == 2 * bench.count_macs(tiny_bias.image_encoder, x)
     assert flops["softmax"] == flops["norms"] == 0 and flops["Linear/MLP"] > flops["attention matmuls"] > 0
     assert flops["rel-pos bias"] > 0 and flops["conv/patch embed"] > 0
     with torch.inference_mode():
-        secs, out = A.profile_categories(tiny_bias.image_encoder, x)
+        secs, out = profiling.profile_categories(tiny_bias.image_encoder, x)
     assert out.shape == (1, 128, 16, 16)
-    assert set(secs) == set(A.CATEGORIES) and all(s >= 0 for s in secs.values())
+    assert set(secs) == set(profiling.CATEGORIES) and all(s >= 0 for s in secs.values())
     for cat in ("attention matmuls", "softmax", "rel-pos bias", "Linear/MLP", "norms"):
         assert secs[cat] > 0, cat
-    assert abs(sum(A.shares(secs).values()) - 1) < 1e-9
+    assert abs(sum(profiling.shares(secs).values()) - 1) < 1e-9
     assert sam_encoder.add_decomposed_rel_pos.__name__ == "add_decomposed_rel_pos", "patch not undone"
 
 
 def test_classify_op():
-    assert A.classify_op("aten::bmm") == "attention matmuls"
-    assert A.classify_op("aten::scaled_dot_product_attention") == "attention matmuls"
-    assert A.classify_op("aten::_softmax") == "softmax"
-    assert A.classify_op("aten::add") == "other"
+    assert profiling.classify_op("aten::bmm") == "attention matmuls"
+    assert profiling.classify_op("aten::scaled_dot_product_attention") == "attention matmuls"
+    assert profiling.classify_op("aten::_softmax") == "softmax"
+    assert profiling.classify_op("aten::add") == "other"
 
 
 def test_block_peak_memory_fused_below_reference(monkeypatch):
@@ -207,11 +207,11 @@ def test_bf16_encoder_modes(tiny_bias):
     with torch.inference_mode():
         ref = tiny_bias.image_encoder(x)
         for mode in ("autocast", "weights"):
-            out = A.bf16_encoder(tiny_bias.image_encoder, mode)(x)
-            assert out.dtype == torch.float32 and 0 < A.output_error(out, ref)["rel_err"] < 0.1
+            out = models.BF16Encoder(tiny_bias.image_encoder, mode)(x)
+            assert out.dtype == torch.float32 and 0 < bench.output_error(out, ref)["rel_err"] < 0.1
     assert next(tiny_bias.parameters()).dtype == torch.float32, "bf16 weights must be a copy"
     with pytest.raises(ValueError):
-        A.bf16_encoder(tiny_bias.image_encoder, "fp8")
+        models.BF16Encoder(tiny_bias.image_encoder, "fp8")
     info = A.bf16_support()
     assert {"avx512_bf16", "amx", "cpu_capability", "native_bf16_instructions"} <= set(info)
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from edgelab import cli, models, quantization as Q
+from edgelab import bench, cli, models, quantization as Q
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_w8a8_tiny_is_small_and_keeps_its_masks(tiny):
     from edgelab import evaluate
     q = Q.quantize_w8a8(tiny)
     assert not any(isinstance(m, torch.nn.Linear) for m in q.image_encoder.modules())
-    assert Q.size_mb(q) < 0.3 * Q.size_mb(tiny)
+    assert bench.size_mb(q) < 0.3 * bench.size_mb(tiny)
     a = evaluate.evaluate_scenes(tiny, 3, progress=False).miou
     b = evaluate.evaluate_scenes(q, 3, progress=False).miou
     assert abs(a - b) < 0.03
@@ -87,9 +87,9 @@ def test_w8a8_tiny_is_small_and_keeps_its_masks(tiny):
 
 def test_packed_int4_is_half_of_int8(tiny):
     names = list(Q.quantizable_layers(tiny, Q.PARTS, (torch.nn.Linear,)))
-    s8 = Q.size_mb(Q.packed_state(tiny, names, 8))
-    s4 = Q.size_mb(Q.packed_state(tiny, names, 4))
-    assert s4 < s8 < Q.size_mb(tiny)
+    s8 = bench.size_mb(Q.packed_state(tiny, names, 8))
+    s4 = bench.size_mb(Q.packed_state(tiny, names, 4))
+    assert s4 < s8 < bench.size_mb(tiny)
 
 
 def test_static_calibration_percentile_is_inside_minmax(tiny):
