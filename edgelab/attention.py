@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import image_encoder as sam_encoder
 from torch.nn.attention import SDPBackend
 
-from . import bench, models, profiling
+from . import bench, memory, models, profiling
 
 SamAttention = sam_encoder.Attention
 _SAM_FORWARD = SamAttention.forward  # SAM's own code, kept to restore "reference"
@@ -379,7 +379,7 @@ def block_peak_memory_mb(variants: Sequence[str], grid: int | Sequence[int], dim
     """Peak memory growth (MB) of one forward of a global block per variant.
 
     Section "Scaling with tokens". On the CPU: peak RSS, all in one fresh process
-    (`bench.peak_memory_series`): the blocks and their inputs are built first (not counted);
+    (`memory.peak_memory_series`): the blocks and their inputs are built first (not counted);
     each forward is then measured from a fresh peak mark. On a GPU: the CUDA allocator's peak
     above what was allocated before the forward.
     Returns:
@@ -393,19 +393,51 @@ def block_peak_memory_mb(variants: Sequence[str], grid: int | Sequence[int], dim
                for g in grids for v in variants}
         return ({v: mem[f"{grid}:{v}"] for v in variants} if isinstance(grid, int)
                 else {(g, v): mem[f"{g}:{v}"] for g in grids for v in variants})
-    # one warm-up call per variant on a small block first: one-time library set-up (kernel
-    # workspaces, thread pools) belongs to the setup, not to the first variant measured
-    warm = "".join(f"    attention.set_attention(blk, {v!r})(x)\n" for v in variants)
-    setup = ("import torch\nfrom edgelab import attention\nblocks = {}\n"
-             f"blk, x = attention.global_block({dim}, {heads}, 4)\nwith torch.inference_mode():\n{warm}" + "".join(
-                 f"blocks[{g}] = attention.global_block({dim}, {heads}, {g})\n" for g in grids))
-    snippets = {f"{g}:{v}": (f"blk, x = blocks[{g}]\nwith torch.inference_mode():\n"
-                             f"    attention.set_attention(blk, {v!r})(x)\n")
-                for g in sorted(grids) for v in variants}
-    mem = bench.peak_memory_series(snippets, setup=setup, timeout=timeout)
+    calls = {f"{g}:{v}": {"grid": g, "variant": v} for g in sorted(grids) for v in variants}
+    mem = memory.peak_memory_series("edgelab.attention:memory_block_forward", calls,
+                                    "edgelab.attention:memory_blocks",
+                                    {"grids": grids, "dim": dim, "heads": heads, "variants": list(variants)},
+                                    timeout=timeout)
     if isinstance(grid, int):
         return {v: mem[f"{grid}:{v}"] for v in variants}
     return {(g, v): mem[f"{g}:{v}"] for g in grids for v in variants}
+
+
+def memory_blocks(grids: Sequence[int], dim: int, heads: int, variants: Sequence[str]) -> dict:
+    """Setup of `block_peak_memory_mb`'s child: a global block per grid (not counted), after one
+    warm-up call per variant on a small block (one-time library set-up belongs to the setup)."""
+    blk, x = global_block(dim, heads, 4)
+    with torch.inference_mode():
+        for v in variants:
+            set_attention(blk, v)(x)
+    return {g: global_block(dim, heads, g) for g in grids}
+
+
+def memory_block_forward(blocks: dict, grid: int, variant: str) -> None:
+    """One forward of the grid's block with `variant` (what `block_peak_memory_mb` measures)."""
+    blk, x = blocks[grid]
+    with torch.inference_mode():
+        set_attention(blk, variant)(x)
+
+
+def memory_encoder(name: str, checkpoint: str | None, weights: str | None, device: str,
+                   img_size: int | None, batch: int, seed: int) -> tuple:
+    """Setup of `bench encoder --attention`'s memory child: the benchmarked model and input."""
+    import warnings
+    warnings.simplefilter("ignore")
+    model = models.load_sam(name, checkpoint=checkpoint, weights=weights, device=device, img_size=img_size)
+    if weights == "random":
+        models.randomize_rel_pos(model, seed=seed)
+    size = model.image_encoder.img_size
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+    return model, x
+
+
+def memory_encoder_forward(state: tuple, variant: str) -> None:
+    """One encoder forward with `variant` attention (what the memory child measures)."""
+    model, x = state
+    with torch.inference_mode():
+        set_attention(model, variant).image_encoder(x)
 
 
 def block_race(variants: Sequence[str], grid: int, dim: int = 768, heads: int = 12,

@@ -9,14 +9,11 @@ No test asserts a time: benchmarks report, tests check behaviour.
 """
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import os
 import platform
 import resource
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +34,6 @@ _CPU_FLAGS = {  # key in machine_info -> /proc/cpuinfo flags, any of which count
     "avx512_vnni": ("avx512_vnni", "avx_vnni"),
     "amx": ("amx_tile", "amx_bf16", "amx_int8"),
 }
-_RESULT_MARK = "EDGELAB_PEAK_RSS "
 
 
 # ---------------------------------------------------------------- the machine
@@ -183,153 +179,6 @@ def compare(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1,
 
 # ---------------------------------------------------------------- memory
 
-def _peak_mb() -> float:
-    """This process image's peak RSS in MB (VmHWM; ru_maxrss where /proc is missing).
-
-    ru_maxrss is only the fallback: on Linux it keeps the peak of the process that forked us,
-    so a small child of a big parent (a notebook with torch loaded) would show no growth.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # macOS: bytes, Linux: KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
-
-
-def _reset_peak() -> bool:
-    """Restart the peak-RSS mark at the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB."""
-    return _peak_mb()
-
-
-# The child runs the two functions above (their source, so it need not import torch).
-_CHILD = "\n".join(["import json, resource, sys", inspect.getsource(_peak_mb),
-                    inspect.getsource(_reset_peak), f"""
-ns = {{"__name__": "__edgelab_peak__"}}
-exec(compile(sys.argv[1], "<setup>", "exec"), ns)
-_reset_peak()
-before = _peak_mb()
-exec(compile(sys.argv[2], "<fn_source>", "exec"), ns)
-print({_RESULT_MARK!r} + json.dumps({{"delta_mb": _peak_mb() - before}}), flush=True)
-"""])
-
-
-def _child_env() -> dict[str, str]:
-    """Environment for the child: ours, with edgelab importable from the child too."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
-
-
-def peak_memory_mb(fn_source: str, setup: str = "", *, timeout: float | None = None) -> float:
-    """Peak RSS growth (MB) caused by running `fn_source` after `setup` in a fresh Python.
-
-    The child runs `setup` (imports, model building), restarts its peak-RSS mark at the
-    current RSS, runs `fn_source` in the same namespace and prints how far the peak rose.
-    A fresh process means nothing measured earlier in this one inflates or hides the peak.
-    (Where the mark cannot be restarted, memory that `setup` peaked at and freed again is
-    reused unseen, so the delta is then a lower bound.)
-
-    Arguments:
-        fn_source: Python source of the work to measure.
-        setup: Python source run first, not counted.
-        timeout: seconds before the child is killed (None: no limit).
-    Returns:
-        the peak RSS delta in MB.
-    Raises:
-        RuntimeError: the child failed (the message carries its last line of stderr)
-            or ran past `timeout`.
-    """
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, setup, fn_source],
-                              capture_output=True, text=True, env=_child_env(), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"peak_memory_mb: the measured code ran past {timeout} s") from None
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-        raise RuntimeError(f"peak_memory_mb: the measured code failed: {lines[-1]}")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith(_RESULT_MARK):
-            return float(json.loads(line[len(_RESULT_MARK):])["delta_mb"])
-    raise RuntimeError("peak_memory_mb: the child process printed no result")
-
-
-# Several measurements in one child: between them freed memory goes back to the system
-# (malloc_trim), so the next peak mark starts from what is really live.
-_CHILD_SERIES = "\n".join(["import ctypes, gc, json, resource, sys", inspect.getsource(_peak_mb),
-                           inspect.getsource(_reset_peak), f"""
-def _release():
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-ns = {{"__name__": "__edgelab_peak__"}}
-exec(compile(sys.argv[1], "<setup>", "exec"), ns)
-for name, src in json.loads(sys.argv[2]).items():
-    _release()
-    _reset_peak()
-    before = _peak_mb()
-    exec(compile(src, "<" + name + ">", "exec"), ns)
-    print({_RESULT_MARK!r} + json.dumps({{"name": name, "delta_mb": _peak_mb() - before}}), flush=True)
-"""])
-
-
-def peak_memory_series(snippets: Mapping[str, str], setup: str = "", *,
-                       timeout: float | None = None) -> dict[str, float]:
-    """Peak RSS growth (MB) of each snippet, run one after another in one fresh Python.
-
-    Like `peak_memory_mb`, but `setup` (imports, a model) runs once for all snippets, which
-    saves a process start per measurement. Before each snippet the child frees what earlier
-    ones left (garbage collection, `malloc_trim`) and restarts its peak mark; large blocks are
-    always returned to the system (MALLOC_MMAP_THRESHOLD_), so an earlier snippet's freed
-    memory cannot hide the next one's peak. Order smaller snippets first all the same.
-
-    Arguments:
-        snippets: name -> Python source, in the order to run.
-        setup: Python source run first, not counted.
-        timeout: seconds before the child is killed (None: no limit).
-    Returns:
-        name -> peak RSS delta in MB.
-    Raises:
-        RuntimeError: the child failed or ran past `timeout`.
-    """
-    env = _child_env()
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD_SERIES, setup, json.dumps(dict(snippets))],
-                              capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"peak_memory_series: the measured code ran past {timeout} s") from None
-    if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-        raise RuntimeError(f"peak_memory_series: the measured code failed: {lines[-1]}")
-    out = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith(_RESULT_MARK):
-            rec = json.loads(line[len(_RESULT_MARK):])
-            out[rec["name"]] = float(rec["delta_mb"])
-    missing = [n for n in snippets if n not in out]
-    if missing:
-        raise RuntimeError(f"peak_memory_series: no result for {', '.join(missing)}")
-    return out
-
-
 def cuda_peak_memory_mb(fn: Callable[[], Any], device: str | torch.device | None = None) -> float:
     """Peak CUDA memory (MB) that one call of `fn` allocates above what was allocated before it."""
     torch.cuda.synchronize(device)
@@ -441,7 +290,7 @@ def as_table(variants: list[Mapping[str, Any]]) -> str:
 
 
 __all__ = ["WEIGHT_KINDS", "VARIANT_KEYS", "Timing", "machine_info", "time_callable", "compare",
-           "peak_rss_mb", "peak_memory_mb", "peak_memory_series", "cuda_peak_memory_mb", "minor_faults", "count_macs", "bench_record", "save_json", "as_table"]
+           "cuda_peak_memory_mb", "minor_faults", "count_macs", "bench_record", "save_json", "as_table"]
 
 
 # --- comparing a variant with its reference -----------------------------------------------------

@@ -106,11 +106,11 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
     Times are interleaved (bench.compare), with the timing-only `no-core` encoder beside them:
     reference / no-core is the ceiling no attention variant can pass in this run. Errors are
     against the `reference` output on the same input; peak memory is each variant's encoder
-    forward in one fresh process (bench.peak_memory_series). `reference` is always measured,
+    forward in one fresh process (memory.peak_memory_series). `reference` is always measured,
     listed or not.
     """
     import torch
-    from . import attention, bench, models
+    from . import attention, bench, memory, models
     names = list(dict.fromkeys(["reference", *variants]))
     kind = models.weights_label(model)
     if kind == "random":  # SAM zero-initialises the tables: make the bias path count in the errors
@@ -133,10 +133,12 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
         mem = {n: bench.cuda_peak_memory_mb(lambda n=n: attention.set_attention(model, n).image_encoder(x), x.device)
                for n in names}
     elif not args.no_memory:
-        mem = bench.peak_memory_series(
-            {n: f"with torch.inference_mode():\n    attention.set_attention(model, {n!r}).image_encoder(x)\n"
-             for n in names},
-            setup=_memory_setup(args, kind, size), timeout=3600)
+        setup = {"name": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+                 "weights": kind if kind in ("random", "checkpoint") else None, "device": args.device,
+                 "img_size": size if kind == "random" else None, "batch": args.batch, "seed": args.seed}
+        mem = memory.peak_memory_series("edgelab.attention:memory_encoder_forward",
+                                        {n: {"variant": n} for n in names},
+                                        "edgelab.attention:memory_encoder", setup, timeout=3600)
     params = models.count_params(model.image_encoder)
     rows = []
     for n in names:
@@ -151,20 +153,6 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
                            "no_core_s": t["no-core"].median_s,
                            "ceiling_vs_reference": ref_s / t["no-core"].median_s}
     return record
-
-
-def _memory_setup(args, kind: str, size: int) -> str:
-    """Source that rebuilds the benchmarked model and input in a fresh process."""
-    ckpt = repr(str(args.checkpoint)) if args.checkpoint else None
-    weights = repr(kind) if kind in ("random", "checkpoint") else None
-    img = size if kind == "random" else None
-    return ("import torch, warnings\nwarnings.simplefilter('ignore')\n"
-            "from edgelab import attention, models\n"
-            f"model = models.load_sam({args.model!r}, checkpoint={ckpt}, weights={weights}, "
-            f"device={args.device!r}, img_size={img})\n"
-            + ("models.randomize_rel_pos(model, seed=%d)\n" % args.seed if kind == "random" else "")
-            + f"x = torch.randn({args.batch}, 3, {size}, {size}, generator=torch.Generator().manual_seed({args.seed}))"
-            f".to({args.device!r})\n")
 
 
 def _ratios(text: str) -> list[float]:

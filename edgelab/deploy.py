@@ -29,7 +29,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
-from . import attention, bench, distillation, evaluate, models, profiling, pruning, quantization, scenes
+from . import attention, bench, distillation, evaluate, memory, models, profiling, pruning, quantization, scenes
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = 1  # point prompts per frame in the end-to-end latency: one tracked object (prompt_sweep: more)
@@ -431,13 +431,23 @@ def accuracy(variants: Mapping[str, Variant], n_eval: int, reference: str = "ref
 
 def peak_memory(names: Sequence[str], run_dir: str | Path, cfg: StackConfig = StackConfig()) -> dict[str, float]:
     """Peak RSS growth (MB) of rebuilding each variant from `run_dir` and running one frame, one
-    fresh process for all (bench.peak_memory_series): weights, runtime buffers and activations."""
-    setup = ("import warnings\nwarnings.simplefilter('ignore')\nimport torch\n"
-             f"torch.set_num_threads({torch.get_num_threads()})\n"
-             "from edgelab import deploy\n"
-             f"cfg = deploy.StackConfig(**{asdict(cfg)!r})\n")
-    snippets = {n: f"v = deploy.build_variant({n!r}, {str(run_dir)!r}, cfg)\nv.frame()\ndel v\n" for n in names}
-    return bench.peak_memory_series(snippets, setup, timeout=1800)
+    fresh process for all (memory.peak_memory_series): weights, runtime buffers and activations."""
+    calls = {n: {"name": n, "run_dir": str(run_dir), "cfg": asdict(cfg)} for n in names}
+    return memory.peak_memory_series("edgelab.deploy:memory_frame", calls, "edgelab.deploy:memory_setup",
+                                     {"threads": torch.get_num_threads()}, timeout=1800)
+
+
+def memory_setup(threads: int) -> None:
+    """Setup of `peak_memory`'s child: the parent's thread count, warnings off."""
+    import warnings
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+
+
+def memory_frame(state: None, name: str, run_dir: str, cfg: dict) -> None:
+    """Rebuild variant `name` and run one frame (what `peak_memory` measures)."""
+    v = build_variant(name, run_dir, StackConfig(**cfg))
+    v.frame()
 
 
 def measure(variants: Mapping[str, Variant], n_eval: int = 30, repeats: int = 20,
