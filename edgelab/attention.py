@@ -447,21 +447,34 @@ def block_race(variants: Sequence[str], grid: int, dim: int = 768, heads: int = 
     "Attention variants" and "Scaling with tokens")."""
 
     blk, x = global_block(dim, heads, grid, device=device)
-    outs: dict[str, torch.Tensor] = {}
     faults: dict[str, list[int]] = {v: [] for v in variants}
 
     def run(v):
         def fn():
             before = bench.minor_faults()
-            outs[v] = set_attention(blk, v)(x)
+            out = set_attention(blk, v)(x)
             faults[v].append(bench.minor_faults() - before)
+            return out
         return fn
 
     with torch.inference_mode():
-        t = bench.compare({v: run(v) for v in variants}, warmup=1, repeats=repeats)
-    first = outs[variants[0]]
-    return {v: {"median_s": t[v].median_s, "iqr_s": t[v].iqr_s, "page_faults": int(statistics.median(faults[v])),
-                **bench.output_error(outs[v], first)} for v in variants}
+        rows = bench.race({v: run(v) for v in variants}, variants[0], warmup=1, repeats=repeats)
+    return {r["name"]: {**r, "page_faults": int(statistics.median(faults[r["name"]]))} for r in rows}
+
+
+def encoder_race(model: torch.nn.Module, x: torch.Tensor, names: Sequence[str], repeats: int = 5,
+                 warmup: int = 1, reference: str = "reference") -> dict[str, dict[str, float]]:
+    """The image encoder with each attention variant on `x`, interleaved (`bench.race`):
+    {name: median_s, iqr_s, max_abs_err, rel_err against `reference`} (section "Attention variants")."""
+    def run(name):
+        def fn():
+            with use_attention(model, name):
+                return model.image_encoder(x)
+        return fn
+
+    with torch.inference_mode():
+        rows = bench.race({n: run(n) for n in names}, reference, warmup=warmup, repeats=repeats)
+    return {r["name"]: r for r in rows}
 
 
 # =============================================================== BF16 on this CPU
@@ -608,5 +621,5 @@ __all__ = ["VARIANTS", "EXACT_VARIANTS", "FUSED_TILE_MB", "fused_tiles", "query_
            "decomposed_rel_pos_bias", "set_attention",
            "use_attention", "attention_of", "attention_modules", "parse_variants", 
            
-           "global_block", "block_peak_memory_mb", "block_race", "bf16_support", "decode_loop",
+           "global_block", "block_peak_memory_mb", "block_race", "encoder_race", "bf16_support", "decode_loop",
            "decode_batched", "decode_ragged", "sdpa_backend", "block_qkv"]

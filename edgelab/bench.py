@@ -177,6 +177,39 @@ def compare(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1,
     return {name: Timing.from_times(name, t) for name, t in times.items()}
 
 
+def _flat(out: Any) -> torch.Tensor:
+    """One float64 vector of a variant's output (a tensor, or a tuple/list of them)."""
+    if torch.is_tensor(out):
+        return out.detach().double().flatten()
+    if isinstance(out, (tuple, list)) and out:
+        return torch.cat([_flat(o) for o in out])
+    raise TypeError(f"a raced variant must return a tensor or a tuple of tensors, not {type(out).__name__}")
+
+
+def race(fns: Mapping[str, Callable[[], Any]], reference: str | None = None, *, warmup: int = 1,
+         repeats: int = 5, number: int = 1) -> list[dict[str, Any]]:
+    """Race named variants on one input: interleaved timing (`compare`) plus each one's error.
+
+    The idiom of every chapter's table (notebook 01, "Attention variants", teaches it): each
+    callable computes its variant's output from the same input; the last output of each is
+    kept and compared with `reference`'s (default: the first variant).
+    Returns:
+        one row per variant, in order: name, median_s, iqr_s, max_abs_err, rel_err.
+    """
+    reference = next(iter(fns)) if reference is None else reference
+    if reference not in fns:
+        raise ValueError(f"reference {reference!r} is not one of the variants {', '.join(fns)}")
+    outs: dict[str, Any] = {}
+
+    def keep(name: str, fn: Callable[[], Any]) -> Callable[[], None]:
+        return lambda: outs.__setitem__(name, fn())
+
+    t = compare({n: keep(n, fn) for n, fn in fns.items()}, warmup=warmup, repeats=repeats, number=number)
+    ref = _flat(outs[reference])
+    return [{"name": n, "median_s": t[n].median_s, "iqr_s": t[n].iqr_s, **output_error(_flat(outs[n]), ref)}
+            for n in fns]
+
+
 # ---------------------------------------------------------------- memory
 
 def cuda_peak_memory_mb(fn: Callable[[], Any], device: str | torch.device | None = None) -> float:

@@ -118,16 +118,8 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
     size = model.image_encoder.img_size
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, 3, size, size, generator=gen).to(args.device)
-    outs: dict[str, torch.Tensor] = {}
-
-    def runner(name):
-        def fn():
-            with attention.use_attention(model, name):
-                outs[name] = model.image_encoder(x)
-        return fn
-
-    with torch.inference_mode():  # "no-core" runs interleaved too: the ceiling of this run
-        t = bench.compare({n: runner(n) for n in [*names, "no-core"]}, warmup=1, repeats=args.repeats)
+    # "no-core" runs interleaved too: the ceiling of this run (its error is meaningless, not reported)
+    t = attention.encoder_race(model, x, [*names, "no-core"], repeats=args.repeats)
     mem = {}
     if not args.no_memory and x.is_cuda:
         mem = {n: bench.cuda_peak_memory_mb(lambda n=n: attention.set_attention(model, n).image_encoder(x), x.device)
@@ -142,16 +134,15 @@ def _bench_attention(args, model, variants: list[str]) -> dict:
     params = models.count_params(model.image_encoder)
     rows = []
     for n in names:
-        row = {"name": n, "batch": args.batch, "image_size": size, "median_s": t[n].median_s,
-               "iqr_s": t[n].iqr_s, "params": params, **bench.output_error(outs[n], outs["reference"])}
+        row = {"batch": args.batch, "image_size": size, "params": params, **t[n]}
         if n in mem:
             row["peak_mem_mb"] = mem[n]
         rows.append(row)
     record = bench.bench_record("reference", kind, rows)
-    ref_s = t["reference"].median_s
-    record["attention"] = {"speedup_vs_reference": {n: ref_s / t[n].median_s for n in names},
-                           "no_core_s": t["no-core"].median_s,
-                           "ceiling_vs_reference": ref_s / t["no-core"].median_s}
+    ref_s = t["reference"]["median_s"]
+    record["attention"] = {"speedup_vs_reference": {n: ref_s / t[n]["median_s"] for n in names},
+                           "no_core_s": t["no-core"]["median_s"],
+                           "ceiling_vs_reference": ref_s / t["no-core"]["median_s"]}
     return record
 
 

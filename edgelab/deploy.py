@@ -602,18 +602,12 @@ def initial_final(names: Sequence[str] = ("vit_b",), img_size: int = 1024, batch
         sam = models.timing_model(name, img_size)
         final, _ = quantization.make_variant(attention.set_attention(copy.deepcopy(sam), final_attention), final_quant)
         x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-        outs = {}
-
-        def run(m, key):
-            def fn():
-                with torch.inference_mode():
-                    outs[key] = m.image_encoder(x)
-            return fn
-
-        t = bench.compare({"initial": run(sam, "initial"), "final": run(final, "final")}, warmup=1, repeats=repeats)
-        err = bench.output_error(outs["final"].float(), outs["initial"].float())
+        with torch.inference_mode():
+            t = {r["name"]: r for r in bench.race({"initial": lambda m=sam: m.image_encoder(x),
+                                                   "final": lambda m=final: m.image_encoder(x)},
+                                                  warmup=1, repeats=repeats)}
         rows.append({"model": name, "params": models.count_params(sam.image_encoder), "img_size": img_size,
-                     "batch": batch, "initial_s": t["initial"].median_s / batch, "final_s": t["final"].median_s / batch,
-                     "rel_err": err["rel_err"], "weights": "random"})
+                     "batch": batch, "initial_s": t["initial"]["median_s"] / batch,
+                     "final_s": t["final"]["median_s"] / batch, "rel_err": t["final"]["rel_err"], "weights": "random"})
         del sam, final
     return rows

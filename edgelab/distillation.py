@@ -456,14 +456,15 @@ def students_table(teacher: Sam, students: dict[str, Sam], n_eval: int = 20, rep
     everyone = {"teacher": teacher, **students}
     x = torch.randn(1, 3, teacher.image_encoder.img_size, teacher.image_encoder.img_size, device=teacher.device)
     with torch.inference_mode():  # blocks of `number` frames: the steady state of a video stream
-        times = bench.compare({k: (lambda m=m: m.image_encoder(x)) for k, m in everyone.items()},
-                              warmup=3, repeats=repeats, number=number)
+        times = {r["name"]: r for r in bench.race({k: (lambda m=m: m.image_encoder(x)) for k, m in everyone.items()},
+                                                  "teacher", warmup=3, repeats=repeats, number=number)}
     images = eval_images(n_eval)
     rows = []
     for name, sam in tqdm(everyone.items(), desc="students table", disable=not progress, leave=False):
         row = {"name": name, "params": models.count_params(sam.image_encoder), "macs": encoder_macs(sam),
-               "median_s": times[name].median_s, "iqr_s": times[name].iqr_s,
-               "speedup": times["teacher"].median_s / times[name].median_s,
+               "median_s": times[name]["median_s"], "iqr_s": times[name]["iqr_s"],
+               "embedding_rel_err": times[name]["rel_err"],
+               "speedup": times["teacher"]["median_s"] / times[name]["median_s"],
                "miou": evaluate.evaluate_scenes(sam, n_eval, "point", progress=False).miou}
         row["agreement"] = 1.0 if sam is teacher else evaluate.agreement(sam, teacher, images, progress=False).miou
         rows.append(row)

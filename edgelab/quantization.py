@@ -478,18 +478,12 @@ def quant_table(sam: Sam, names: Sequence[str] = VARIANTS, n_eval: int | None = 
         rows["fp32_reference"] = {"name": "fp32_reference", "size_mb": rows["fp32"]["size_mb"]}
     size_px = sam.image_encoder.img_size
     x = torch.randn(1, 3, size_px, size_px, generator=torch.Generator().manual_seed(seed)).to(sam.device)
-    outs: dict[str, torch.Tensor] = {}
-
-    def runner(n):
-        def fn():
-            outs[n] = models_[n].image_encoder(x)
-        return fn
-
     with torch.inference_mode():
-        t = bench.compare({n: runner(n) for n in names}, warmup=1, repeats=repeats)
-    for n in names:
-        rows[n].update(median_s=t[n].median_s, iqr_s=t[n].iqr_s,
-                       **bench.output_error(outs[n].float(), outs["fp32"].float()))
+        raced = bench.race({n: (lambda n=n: models_[n].image_encoder(x)) for n in names}, "fp32",
+                           warmup=1, repeats=repeats)
+    for r in raced:
+        n = r.pop("name")
+        rows[n].update(r)
         if n_eval:
             rows[n]["miou"] = evaluate.evaluate_scenes(models_[n], n_eval, progress=False).miou
     return [rows[n] for n in names]

@@ -79,3 +79,28 @@ def test_machine_info_keys():
         assert isinstance(info[flag], bool)
     assert info["threads"] == torch.get_num_threads()
     json.dumps(info)
+
+
+def test_race_times_interleaved_and_measures_errors_against_the_reference():
+    calls: list[str] = []
+    x = torch.arange(4.0)
+
+    def variant(name, out):
+        return lambda: calls.append(name) or out
+
+    rows = bench.race({"ref": variant("ref", x), "off": variant("off", x + torch.tensor([0, 0, 0, 2.0])),
+                       "pair": variant("pair", (x[:2], x[2:]))}, "ref", warmup=1, repeats=2)
+    assert calls == ["ref", "off", "pair"] * 3
+    assert [r["name"] for r in rows] == ["ref", "off", "pair"]
+    assert rows[2]["max_abs_err"] == 0  # a tuple of tensors is compared as their concatenation
+    ref, off = rows[0], rows[1]
+    assert ref["max_abs_err"] == 0 and ref["rel_err"] == 0
+    assert off["max_abs_err"] == 2.0 and off["rel_err"] == pytest.approx(2 / x.norm().item())
+    assert set(ref) == {"name", "median_s", "iqr_s", "max_abs_err", "rel_err"}
+    with pytest.raises(ValueError, match="reference 'nope'"):
+        bench.race({"a": variant("a", x)}, "nope")
+
+
+def test_race_refuses_outputs_it_cannot_compare():
+    with pytest.raises(TypeError, match="tensor"):
+        bench.race({"a": lambda: "text"}, warmup=0, repeats=1)
