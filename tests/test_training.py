@@ -72,6 +72,12 @@ def test_resume_refuses_another_recipe(tmp_path):
         training.train_tiny(tmp_path, cfg, progress=False)
 
 
+def test_step_seconds_counts_what_training_was_given():
+    assert training.step_seconds(wall=1.0, cpu=2.0, threads=2) == 1.0  # alone on two cores
+    assert training.step_seconds(wall=2.0, cpu=2.0, threads=2) == 1.0  # sharing them with another job
+    assert training.step_seconds(wall=1.0, cpu=0.3, threads=0) == 0.3
+
+
 def test_lr_follows_the_clock_with_hours():
     cfg = training.TrainConfig(hours=1.0, warmup=10, lr=1e-3)
     assert training._lr_at(5, cfg, 0.0) == pytest.approx(6e-4)
