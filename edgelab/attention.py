@@ -420,6 +420,48 @@ def memory_block_forward(blocks: dict, grid: int, variant: str) -> None:
         set_attention(blk, variant)(x)
 
 
+def attention_study(model: torch.nn.Module, variants: Sequence[str], batch: int = 1, repeats: int = 5,
+                    seed: int = 0, memory_setup: dict | None = None) -> dict:
+    """`bench encoder --attention a,b,c`: the encoder with each attention variant, in one run
+    (section "Attention variants"); a bench record.
+
+    Times are interleaved (`encoder_race`), with the timing-only `no-core` encoder beside them:
+    reference / no-core is the ceiling no attention variant can pass in this run. Errors are
+    against the `reference` output on the same input. With `memory_setup` (load_sam's name,
+    checkpoint, weights, device and img_size, to rebuild the model in a child) peak memory is
+    each variant's encoder forward in one fresh process; on a GPU the allocator's peak instead.
+    `reference` is always measured, listed or not.
+    """
+    names = list(dict.fromkeys(["reference", *variants]))
+    kind = models.weights_label(model)
+    if kind == "random":  # SAM zero-initialises the tables: make the bias path count in the errors
+        models.randomize_rel_pos(model, seed=seed)
+    size = model.image_encoder.img_size
+    dev = next(model.parameters()).device
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(dev)
+    # "no-core" runs interleaved too: the ceiling of this run (its error is meaningless, not reported)
+    t = encoder_race(model, x, [*names, "no-core"], repeats=repeats)
+    mem = {}
+    if memory_setup is not None and x.is_cuda:
+        mem = {n: bench.cuda_peak_memory_mb(lambda n=n: set_attention(model, n).image_encoder(x), x.device)
+               for n in names}
+    elif memory_setup is not None:
+        setup = {**memory_setup, "img_size": size if kind == "random" else None,
+                 "weights": kind if kind in ("random", "checkpoint") else None, "batch": batch, "seed": seed}
+        mem = memory.peak_memory_series("edgelab.attention:memory_encoder_forward",
+                                        {n: {"variant": n} for n in names},
+                                        "edgelab.attention:memory_encoder", setup, timeout=3600)
+    params = models.count_params(model.image_encoder)
+    rows = [{"batch": batch, "image_size": size, "params": params, **t[n],
+             **({"peak_mem_mb": mem[n]} if n in mem else {})} for n in names]
+    record = bench.bench_record("reference", kind, rows)
+    ref_s = t["reference"]["median_s"]
+    record["attention"] = {"speedup_vs_reference": {n: ref_s / t[n]["median_s"] for n in names},
+                           "no_core_s": t["no-core"]["median_s"],
+                           "ceiling_vs_reference": ref_s / t["no-core"]["median_s"]}
+    return record
+
+
 def memory_encoder(name: str, checkpoint: str | None, weights: str | None, device: str,
                    img_size: int | None, batch: int, seed: int) -> tuple:
     """Setup of `bench encoder --attention`'s memory child: the benchmarked model and input."""
@@ -621,5 +663,5 @@ __all__ = ["VARIANTS", "EXACT_VARIANTS", "FUSED_TILE_MB", "fused_tiles", "query_
            "decomposed_rel_pos_bias", "set_attention",
            "use_attention", "attention_of", "attention_modules", "parse_variants", 
            
-           "global_block", "block_peak_memory_mb", "block_race", "encoder_race", "bf16_support", "decode_loop",
+           "global_block", "block_peak_memory_mb", "block_race", "encoder_race", "attention_study", "bf16_support", "decode_loop",
            "decode_batched", "decode_ragged", "sdpa_backend", "block_qkv"]

@@ -210,6 +210,30 @@ def race(fns: Mapping[str, Callable[[], Any]], reference: str | None = None, *, 
             for n in fns]
 
 
+def encoder_decoder(model: torch.nn.Module, batch: int = 1, prompts: int = 1, repeats: int = 5) -> dict[str, Any]:
+    """Image encoder (a batch of images) against mask decoder (`prompts` points on one image),
+    interleaved: the bench record of `edgelab bench encoder` (notebook 00, "Where a frame's time goes")."""
+    from .models import count_params, weights_label
+    size = model.image_encoder.img_size
+    dev = next(model.parameters()).device
+    x = torch.randn(batch, 3, size, size, device=dev)
+    with torch.inference_mode():
+        emb = model.image_encoder(x[:1])
+        pts = torch.rand(prompts, 1, 2, device=dev) * size
+        labels = torch.ones(prompts, 1, dtype=torch.int, device=dev)
+
+        def decoder():
+            sparse, dense = model.prompt_encoder(points=(pts, labels), boxes=None, masks=None)
+            model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
+
+        t = compare({"encoder": lambda: model.image_encoder(x), "decoder": decoder}, warmup=1, repeats=repeats)
+    variants = [{"name": "encoder", "median_s": t["encoder"].median_s, "iqr_s": t["encoder"].iqr_s,
+                 "params": count_params(model.image_encoder), "batch": batch, "image_size": size},
+                {"name": "decoder", "median_s": t["decoder"].median_s, "iqr_s": t["decoder"].iqr_s,
+                 "params": count_params(model.mask_decoder) + count_params(model.prompt_encoder)}]
+    return bench_record("encoder", weights_label(model), variants)
+
+
 # ---------------------------------------------------------------- memory
 
 def cuda_peak_memory_mb(fn: Callable[[], Any], device: str | torch.device | None = None) -> float:

@@ -64,86 +64,22 @@ def cmd_eval(args) -> dict:
 
 def cmd_bench_encoder(args) -> dict:
     """Image encoder and mask decoder latency of one model (random weights only when asked)."""
-    import torch
-    from . import bench, models
+    from . import attention, bench
     if args.batch < 1:
         raise UsageError("--batch must be 1 or more")
     variants = None
     if args.attention is not None:
-        from . import attention
         try:
             variants = attention.parse_variants(args.attention)
         except ValueError as e:
             raise UsageError(f"--attention: {e}") from None
     model = _load_sized(args)
     if variants is not None:
-        return _bench_attention(args, model, variants)
-    size = model.image_encoder.img_size
-    x = torch.randn(args.batch, 3, size, size, device=args.device)
-    with torch.inference_mode():
-        emb = model.image_encoder(x[:1])
-        pts = torch.rand(args.prompts, 1, 2, device=args.device) * size
-        labels = torch.ones(args.prompts, 1, dtype=torch.int, device=args.device)
-
-        def encoder():
-            model.image_encoder(x)
-
-        def decoder():
-            sparse, dense = model.prompt_encoder(points=(pts, labels), boxes=None, masks=None)
-            model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
-
-        t = bench.compare({"encoder": encoder, "decoder": decoder}, warmup=1, repeats=args.repeats)
-    variants = [{"name": "encoder", "median_s": t["encoder"].median_s, "iqr_s": t["encoder"].iqr_s,
-                 "params": models.count_params(model.image_encoder), "batch": args.batch, "image_size": size},
-                {"name": "decoder", "median_s": t["decoder"].median_s, "iqr_s": t["decoder"].iqr_s,
-                 "params": models.count_params(model.mask_decoder) + models.count_params(model.prompt_encoder)}]
-    return bench.bench_record("encoder", models.weights_label(model), variants)
-
-
-def _bench_attention(args, model, variants: list[str]) -> dict:
-    """`bench encoder --attention a,b,c`: the encoder with each attention variant, in one run.
-
-    Times are interleaved (bench.compare), with the timing-only `no-core` encoder beside them:
-    reference / no-core is the ceiling no attention variant can pass in this run. Errors are
-    against the `reference` output on the same input; peak memory is each variant's encoder
-    forward in one fresh process (memory.peak_memory_series). `reference` is always measured,
-    listed or not.
-    """
-    import torch
-    from . import attention, bench, memory, models
-    names = list(dict.fromkeys(["reference", *variants]))
-    kind = models.weights_label(model)
-    if kind == "random":  # SAM zero-initialises the tables: make the bias path count in the errors
-        models.randomize_rel_pos(model, seed=args.seed)
-    size = model.image_encoder.img_size
-    gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, 3, size, size, generator=gen).to(args.device)
-    # "no-core" runs interleaved too: the ceiling of this run (its error is meaningless, not reported)
-    t = attention.encoder_race(model, x, [*names, "no-core"], repeats=args.repeats)
-    mem = {}
-    if not args.no_memory and x.is_cuda:
-        mem = {n: bench.cuda_peak_memory_mb(lambda n=n: attention.set_attention(model, n).image_encoder(x), x.device)
-               for n in names}
-    elif not args.no_memory:
         setup = {"name": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-                 "weights": kind if kind in ("random", "checkpoint") else None, "device": args.device,
-                 "img_size": size if kind == "random" else None, "batch": args.batch, "seed": args.seed}
-        mem = memory.peak_memory_series("edgelab.attention:memory_encoder_forward",
-                                        {n: {"variant": n} for n in names},
-                                        "edgelab.attention:memory_encoder", setup, timeout=3600)
-    params = models.count_params(model.image_encoder)
-    rows = []
-    for n in names:
-        row = {"batch": args.batch, "image_size": size, "params": params, **t[n]}
-        if n in mem:
-            row["peak_mem_mb"] = mem[n]
-        rows.append(row)
-    record = bench.bench_record("reference", kind, rows)
-    ref_s = t["reference"]["median_s"]
-    record["attention"] = {"speedup_vs_reference": {n: ref_s / t[n]["median_s"] for n in names},
-                           "no_core_s": t["no-core"]["median_s"],
-                           "ceiling_vs_reference": ref_s / t["no-core"]["median_s"]}
-    return record
+                 "weights": args.weights, "device": args.device, "img_size": args.image_size}
+        return attention.attention_study(model, variants, batch=args.batch, repeats=args.repeats,
+                                         seed=args.seed, memory_setup=None if args.no_memory else setup)
+    return bench.encoder_decoder(model, batch=args.batch, prompts=args.prompts, repeats=args.repeats)
 
 
 def _ratios(text: str) -> list[float]:
@@ -159,7 +95,7 @@ def _ratios(text: str) -> list[float]:
 
 def cmd_bench_prune(args) -> dict:
     """`bench prune`: one uniformly pruned variant per ratio plus `unpruned` (notebook 02's table)."""
-    from . import bench, models, pruning
+    from . import models, pruning
     ratios = _ratios(args.ratios)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or set(kinds) - set(pruning.KINDS):
@@ -170,20 +106,13 @@ def cmd_bench_prune(args) -> dict:
     kind = models.weights_label(model)
     if kind == "random" and args.finetune_steps:
         raise UsageError("--finetune-steps needs trained weights or a checkpoint (random weights: timing only)")
-    cfg = pruning.FinetuneConfig(steps=args.finetune_steps) if args.finetune_steps else None
-    study = pruning.prune_study(model, ratios, kinds, cfg, n_eval=None if kind == "random" else args.scenes,
-                                repeats=args.repeats, progress=not args.json)
-    record = bench.bench_record("unpruned", kind, study["variants"])
-    record["pruning"] = {"kinds": kinds, "finetune_steps": args.finetune_steps,
-                         "miou_before_finetune": study["miou_before"]}
-    if kind == "random":
-        record["note"] = "random weights: params, MACs and latency only"
-    return record
+    return pruning.bench_prune(model, ratios, kinds, args.finetune_steps, args.scenes, args.repeats,
+                               progress=not args.json)
 
 
 def cmd_bench_quant(args) -> dict:
     """`bench quant`: FP32 / BF16 / INT8 variants of one model in one run (notebook 03's Table 2)."""
-    from . import attention, bench, models, quantization
+    from . import attention, models, quantization
     try:
         names = quantization.parse_variants(args.variants)
         att = attention.parse_variants(args.attention)[0] if args.attention else None
@@ -196,23 +125,13 @@ def cmd_bench_quant(args) -> dict:
     if kind == "random":  # SAM zero-initialises the tables: make the bias path count in the errors
         models.randomize_rel_pos(model, seed=0)
     prepare = None if att in (None, "reference") else (lambda m: attention.set_attention(m, att))
-    rows = quantization.quant_table(model, names, n_eval=None if kind == "random" else args.scenes,
-                                    repeats=args.repeats, prepare=prepare, progress=not args.json)
-    ref = "fp32_reference" if any(r["name"] == "fp32_reference" for r in rows) else "fp32"
-    for r in rows:
-        r["image_size"] = model.image_encoder.img_size
-    record = bench.bench_record(ref, kind, rows)
-    base = next(r for r in rows if r["name"] == ref)["median_s"]
-    record["quantization"] = {"attention": att or "reference",
-                              "speedup_vs_" + ref: {r["name"]: base / r["median_s"] for r in rows}}
-    if kind == "random":
-        record["note"] = "random weights: size, latency and error only"
-    return record
+    return quantization.bench_quant(model, names, args.scenes, args.repeats, prepare, att or "reference",
+                                    progress=not args.json)
 
 
 def cmd_bench_distill(args) -> dict:
     """`bench distill`: the teacher and each shipped student (notebook 04's students table)."""
-    from . import bench, distillation, models
+    from . import distillation, models
     if args.repeats < 1 or args.scenes < 1:
         raise UsageError("--repeats and --scenes must be 1 or more")
     teacher = models.load_sam("tiny", device=args.device)
@@ -223,14 +142,7 @@ def cmd_bench_distill(args) -> dict:
         name = sam.edgelab.name
         students[name] = sam
         students[name + " deployable"] = distillation.deployable(sam)
-    rows = distillation.students_table(teacher, students, n_eval=args.scenes, repeats=args.repeats,
-                                       progress=not args.json)
-    keep = ("name", "params", "macs", "median_s", "miou", "agreement")
-    record = bench.bench_record("teacher", "trained", [{k: r[k] for k in keep} for r in rows])
-    record["distill"] = {"speedup_vs_teacher": {r["name"]: r["speedup"] for r in rows},
-                         "miou_vs_teacher": {r["name"]: r["miou"] / rows[0]["miou"] for r in rows},
-                         "eval_scenes": args.scenes, "image_size": teacher.image_encoder.img_size}
-    return record
+    return distillation.bench_distill(teacher, students, args.scenes, args.repeats, progress=not args.json)
 
 
 def cmd_bench_deploy(args) -> dict:

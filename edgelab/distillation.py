@@ -471,6 +471,19 @@ def students_table(teacher: Sam, students: dict[str, Sam], n_eval: int = 20, rep
     return rows
 
 
+def bench_distill(teacher: Sam, students: dict[str, Sam], scenes: int = 20, repeats: int = 30,
+                  progress: bool = False) -> dict:
+    """`edgelab bench distill`: `students_table` as a bench record, with each student's mIoU as a
+    fraction of the teacher's."""
+    rows = students_table(teacher, students, n_eval=scenes, repeats=repeats, progress=progress)
+    keep = ("name", "params", "macs", "median_s", "miou", "agreement")
+    record = bench.bench_record("teacher", "trained", [{k: r[k] for k in keep} for r in rows])
+    record["distill"] = {"speedup_vs_teacher": {r["name"]: r["speedup"] for r in rows},
+                         "miou_vs_teacher": {r["name"]: r["miou"] / rows[0]["miou"] for r in rows},
+                         "eval_scenes": scenes, "image_size": teacher.image_encoder.img_size}
+    return record
+
+
 # ---------------------------------------------------------------- the script (torchrun)
 
 PROFILES = {"quick": {"steps": 600, "pool_scenes": 768},

@@ -688,6 +688,21 @@ def time_encoders(variants: dict[str, Sam], repeats: int = 5, warmup: int = 1) -
         return bench.compare(fns, warmup=warmup, repeats=repeats)
 
 
+def bench_prune(model: Sam, ratios: Sequence[float], kinds: Sequence[str], finetune_steps: int = 0,
+                scenes: int | None = None, repeats: int = 5, progress: bool = False) -> dict:
+    """`edgelab bench prune`: `prune_study` as a bench record (random weights: no mIoU, no fine-tuning)."""
+    kind = models.weights_label(model)
+    cfg = FinetuneConfig(steps=finetune_steps) if finetune_steps else None
+    study = prune_study(model, ratios, kinds, cfg, n_eval=None if kind == "random" else scenes,
+                        repeats=repeats, progress=progress)
+    record = bench.bench_record("unpruned", kind, study["variants"])
+    record["pruning"] = {"kinds": list(kinds), "finetune_steps": finetune_steps,
+                         "miou_before_finetune": study["miou_before"]}
+    if kind == "random":
+        record["note"] = "random weights: params, MACs and latency only"
+    return record
+
+
 def prune_study(sam: Sam, ratios: Sequence[float], kinds: Iterable[str] = DEFAULT_KINDS,
                 finetune_cfg: FinetuneConfig | None = None, n_eval: int | None = None,
                 repeats: int = 5, progress: bool = False) -> dict:
@@ -733,5 +748,5 @@ __all__ = ["KINDS", "DEFAULT_KINDS", "frobenius_norms", "rank_channels", "n_kept
            "torch_pruning_importance", "PrunePlan", "head_norms", "head_dim_norms", "prune_heads",
            "prune_head_dims", "SamAttentionPruner", "dependency_graph", "coupled_layers", "prune_encoder", "pruned_copy",
            "architecture", "build_pruned", "save_pruned", "load_pruned", "encoder_macs", "block_macs",
-           "sensitivity_scan", "plan_from_scan", "FinetuneConfig", "finetune", "time_encoders",
+           "sensitivity_scan", "plan_from_scan", "FinetuneConfig", "finetune", "time_encoders", "bench_prune",
            "prune_study"]

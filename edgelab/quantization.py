@@ -489,6 +489,25 @@ def quant_table(sam: Sam, names: Sequence[str] = VARIANTS, n_eval: int | None = 
     return [rows[n] for n in names]
 
 
+def bench_quant(sam: Sam, names: Sequence[str], scenes: int = 30, repeats: int = 5,
+                prepare: Callable[[nn.Module], nn.Module] | None = None, attention: str = "reference",
+                progress: bool = False) -> dict:
+    """`edgelab bench quant`: `quant_table` as a bench record; `attention` names what `prepare` sets."""
+    kind = models.weights_label(sam)
+    rows = quant_table(sam, names, n_eval=None if kind == "random" else scenes, repeats=repeats,
+                       prepare=prepare, progress=progress)
+    ref = "fp32_reference" if any(r["name"] == "fp32_reference" for r in rows) else "fp32"
+    for r in rows:
+        r["image_size"] = sam.image_encoder.img_size
+    record = bench.bench_record(ref, kind, rows)
+    base = next(r for r in rows if r["name"] == ref)["median_s"]
+    record["quantization"] = {"attention": attention,
+                              "speedup_vs_" + ref: {r["name"]: base / r["median_s"] for r in rows}}
+    if kind == "random":
+        record["note"] = "random weights: size, latency and error only"
+    return record
+
+
 # =============================================================== sensitivity, mixed precision
 
 def layer_groups(sam: Sam) -> dict[str, list[str]]:
@@ -539,4 +558,4 @@ __all__ = ["VARIANTS", "PARTS", "make_variant", "parse_variants", "quant_table",
            "quantization_error", "torch_quantize", "quantizable_layers", "fake_quantize_weights",
            "Int8Linear", "Int8WeightConv", "quantize_w8a8", "quantize_ao_dynamic", "torchao_available", "quantize_torchao",
            "capture_activations", "calibrate", "StaticQuantLinear", "quantize_static", "packed_state",
-           "encoder_error"]
+           "encoder_error", "bench_quant"]
