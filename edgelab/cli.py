@@ -1,6 +1,6 @@
 """`edgelab <verb>`: drive the workbook without Jupyter (the guide's command-line contract).
 
-Verbs: eval, bench encoder|prune|quant|distill|deploy, distill, train-tiny, run, sweep, report,
+Verbs: eval, bench encoder|prune|quant|distill|deploy|machine, distill, train-tiny, run, sweep, report,
 student, grade. `--json` prints one JSON object on stdout.
 Bad input exits 2 with one line on stderr, never a traceback.
 """
@@ -143,6 +143,14 @@ def cmd_bench_distill(args) -> dict:
         students[name] = sam
         students[name + " deployable"] = distillation.deployable(sam)
     return distillation.bench_distill(teacher, students, args.scenes, args.repeats, progress=not args.json)
+
+
+def cmd_bench_machine(args) -> dict:
+    """`bench machine`: this machine's GEMM rates (fp32, bf16, int8) and memory bandwidth."""
+    from . import roofline
+    if args.repeats < 1:
+        raise UsageError("--repeats must be 1 or more")
+    return roofline.machine_record(n=args.n, mb=args.mb, repeats=args.repeats)
 
 
 def cmd_bench_deploy(args) -> dict:
@@ -315,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--device", default="cpu")
     bd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     bd.set_defaults(fn=cmd_bench_distill)
+
+    bm = bsub.add_parser("machine", help="this machine's GEMM rates per dtype and memory bandwidth (the roofline)")
+    bm.add_argument("--n", type=int, default=1024, help="GEMM size n x n x n")
+    bm.add_argument("--mb", type=int, default=256, help="buffer copied to measure the bandwidth")
+    bm.add_argument("--repeats", type=int, default=5)
+    bm.add_argument("--json", action="store_true")
+    bm.set_defaults(fn=cmd_bench_machine)
 
     bdp = bsub.add_parser("deploy", help="the stack and ONNX Runtime variants of tiny (notebook 05)")
     bdp.add_argument("--out", default="runs/deploy", help="run folder for the pruned model and ONNX files")

@@ -1,0 +1,90 @@
+"""What this machine can do at all: its GEMM rates per dtype and its memory bandwidth.
+
+A variant's lower bound is its work at the machine's measured rate: FLOPs (or int8 ops) over the
+GEMM rate of their dtype, or bytes moved over the bandwidth, whichever is larger (a roofline).
+Its measured time over that bound says how much is left on the table. `edgelab bench machine`
+prints the rates; the chapters divide their variants' times by them.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from . import bench
+
+DTYPES = ("fp32", "bf16", "int8")
+
+
+def _gemm_inputs(dtype: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    if dtype == "int8":
+        return (torch.randint(-128, 128, (n, n), generator=g, dtype=torch.int8),
+                torch.randint(-128, 128, (n, n), generator=g, dtype=torch.int8))
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    return (a.bfloat16(), b.bfloat16()) if dtype == "bf16" else (a, b)
+
+
+def gemm_rate(dtype: str, n: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Median time of an n x n x n matmul in `dtype` and its rate in G(FL)OP/s.
+
+    fp32 and bf16 run `a @ b` (oneDNN / BLAS); int8 runs `torch._int_mm` (int32 accumulate), the
+    kernel chapter 03's Int8Linear uses. One multiply-add counts as two operations.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if n < 32 or n % 8:
+        raise ValueError(f"n must be a multiple of 8 and at least 32, not {n}")
+    a, b = _gemm_inputs(dtype, n)
+    fn = (lambda: torch._int_mm(a, b)) if dtype == "int8" else (lambda: a @ b)
+    t = bench.time_callable(fn, warmup=2, repeats=repeats)
+    return {"median_s": t.median_s, "iqr_s": t.iqr_s, "rate": 2 * n**3 / t.median_s / 1e9}
+
+
+def bandwidth(mb: int = 256, repeats: int = 5) -> dict[str, float]:
+    """Memory bandwidth in GB/s from copying an `mb` MB buffer (each byte read once, written once)."""
+    if mb < 16:
+        raise ValueError("use a buffer of 16 MB or more: smaller ones fit in the caches")
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    t = bench.time_callable(lambda: dst.copy_(src), warmup=2, repeats=repeats)
+    return {"median_s": t.median_s, "iqr_s": t.iqr_s, "rate": 2 * src.numel() * 4 / t.median_s / 1e9}
+
+
+def machine_rates(n: int = 1024, mb: int = 256, repeats: int = 5) -> dict[str, dict[str, float]]:
+    """Every rate the roofline needs, measured now: {"fp32", "bf16", "int8", "memory"}."""
+    rates = {d: gemm_rate(d, n, repeats) for d in DTYPES}
+    rates["memory"] = bandwidth(mb, repeats)
+    return rates
+
+
+def lower_bound_s(work: Mapping[str, float], rates: Mapping[str, Mapping[str, float]],
+                  bytes_moved: float = 0.0) -> float:
+    """Seconds the machine needs at least: the work of each dtype (FLOPs or ops) at its GEMM rate,
+    or the bytes over the bandwidth if that takes longer."""
+    unknown = set(work) - set(DTYPES)
+    if unknown:
+        raise ValueError(f"work in unknown dtypes {sorted(unknown)}; use {', '.join(DTYPES)}")
+    compute = sum(w / (rates[d]["rate"] * 1e9) for d, w in work.items())
+    memory = bytes_moved / (rates["memory"]["rate"] * 1e9) if bytes_moved else 0.0
+    return max(compute, memory)
+
+
+def of_limit(measured_s: float, bound_s: float) -> float:
+    """The fraction of the machine's limit a variant reaches: bound / measured (1.0 is the roof)."""
+    if measured_s <= 0:
+        raise ValueError("a measured time must be positive")
+    return bound_s / measured_s
+
+
+def machine_record(n: int = 1024, mb: int = 256, repeats: int = 5) -> dict[str, Any]:
+    """`edgelab bench machine`: a bench record with one variant per rate (random data: timing only)."""
+    rates = machine_rates(n, mb, repeats)
+    units = {"fp32": "GFLOP/s", "bf16": "GFLOP/s", "int8": "GOP/s", "memory": "GB/s"}
+    variants = [{"name": f"gemm {d}" if d != "memory" else "memory copy", "median_s": r["median_s"],
+                 "iqr_s": r["iqr_s"], "rate": r["rate"], "unit": units[d]} for d, r in rates.items()]
+    record = bench.bench_record("gemm fp32", "random", variants)
+    record["rates"] = {d: r["rate"] for d, r in rates.items()}
+    record["gemm_n"], record["copy_mb"] = n, mb
+    record["note"] = "random matrices: the machine's rates, not any model's"
+    return record
