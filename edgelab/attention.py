@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import image_encoder as sam_encoder
 from torch.nn.attention import SDPBackend
 
-from . import bench, memory, models, profiling
+from . import bench, memory, models, profiling, roofline
 
 SamAttention = sam_encoder.Attention
 _SAM_FORWARD = SamAttention.forward  # SAM's own code, kept to restore "reference"
@@ -458,8 +458,30 @@ def attention_study(model: torch.nn.Module, variants: Sequence[str], batch: int 
     ref_s = t["reference"]["median_s"]
     record["attention"] = {"speedup_vs_reference": {n: ref_s / t[n]["median_s"] for n in names},
                            "no_core_s": t["no-core"]["median_s"],
-                           "ceiling_vs_reference": ref_s / t["no-core"]["median_s"]}
+                           "ceiling_vs_reference": ref_s / t["no-core"]["median_s"],
+                           **core_against_the_limit(model, x, {n: t[n]["median_s"] for n in names},
+                                                    t["no-core"]["median_s"])}
     return record
+
+
+def core_against_the_limit(model: torch.nn.Module, x: torch.Tensor, times: Mapping[str, float],
+                           no_core_s: float) -> dict:
+    """Each variant's attention core (its encoder time minus the no-core encoder's) against the
+    machine: the core's matmul FLOPs (torch.utils.flop_counter, SAM's own attention) at the fp32
+    GEMM rate measured now, and the share of the Amdahl ceiling reached (section "Attention
+    variants"). A core too small to measure (at or under the no-core time) gets None."""
+    with use_attention(model, "reference"):
+        flops = profiling.flop_categories(model.image_encoder, x)["attention matmuls"]
+    gemm = roofline.gemm_rate("fp32")["rate"]
+    ref_core = times["reference"] - no_core_s
+    out = {"core_flops": flops, "fp32_gemm_gflops": gemm, "core_s": {}, "core_of_gemm_rate": {},
+           "of_ceiling": {}}
+    for n, s in times.items():
+        core = s - no_core_s
+        out["core_s"][n] = core
+        out["core_of_gemm_rate"][n] = (flops / core / 1e9) / gemm if core > 0 else None
+        out["of_ceiling"][n] = (times["reference"] - s) / ref_core if ref_core > 0 else None
+    return out
 
 
 def memory_encoder(name: str, checkpoint: str | None, weights: str | None, device: str,

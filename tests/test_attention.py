@@ -245,6 +245,13 @@ def test_cli_bench_attention_json():
     a = d["attention"]  # the ceiling: reference over the encoder with no attention core, same run
     assert a["no_core_s"] > 0
     assert a["ceiling_vs_reference"] == pytest.approx(d["variants"][0]["median_s"] / a["no_core_s"])
+    # the core against the machine: matmul FLOPs of SAM's attention at the fp32 GEMM rate of this run
+    assert a["core_flops"] > 0 and a["fp32_gemm_gflops"] > 0 and a["of_ceiling"]["reference"] == 0
+    for v in d["variants"]:
+        core = a["core_s"][v["name"]]
+        assert core == pytest.approx(v["median_s"] - a["no_core_s"])
+        if core > 0:
+            assert a["core_of_gemm_rate"][v["name"]] == pytest.approx(a["core_flops"] / core / 1e9 / a["fp32_gemm_gflops"])
 
 
 def test_cli_bad_attention_is_one_line():
