@@ -27,7 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 WEIGHT_KINDS = ("trained", "random", "checkpoint")  # the same three kinds as models.WEIGHT_KINDS
 VARIANT_KEYS = ("name", "label", "batch", "image_size", "median_s", "iqr_s", "peak_mem_mb",
                 "params", "macs", "size_mb", "miou", "agreement", "max_abs_err", "rel_err",
-                "rate", "unit", "roofline_s", "of_limit")
+                "rate", "unit", "roofline_s", "of_limit", "encoder_s", "decoder_s", "post_s",
+                "recall_50", "recall_75")
 _CPU_FLAGS = {  # key in machine_info -> /proc/cpuinfo flags, any of which counts
     "avx2": ("avx2",),
     "avx512f": ("avx512f",),

@@ -1,6 +1,6 @@
 """`edgelab <verb>`: drive the workbook without Jupyter (the guide's command-line contract).
 
-Verbs: eval, bench encoder|prune|quant|distill|deploy|machine, distill, train-tiny, run, sweep, report,
+Verbs: eval, bench encoder|prune|quant|distill|deploy|everything|machine, distill, train-tiny, run, sweep, report,
 student, grade. `--json` prints one JSON object on stdout.
 Bad input exits 2 with one line on stderr, never a traceback.
 """
@@ -143,6 +143,21 @@ def cmd_bench_distill(args) -> dict:
         students[name] = sam
         students[name + " deployable"] = distillation.deployable(sam)
     return distillation.bench_distill(teacher, students, args.scenes, args.repeats, progress=not args.json)
+
+
+def cmd_bench_everything(args) -> dict:
+    """`bench everything`: SAM's automatic mask generator on tiny and its faster variants (chapter 05)."""
+    from . import attention, distillation, everything, models, quantization, scenes
+    if args.scenes < 1 or args.points_per_side < 1:
+        raise UsageError("--scenes and --points-per-side must be 1 or more")
+    cfg = everything.EverythingConfig(points_per_side=args.points_per_side)
+    tiny = models.load_sam("tiny", device=args.device)
+    variants = {"pytorch fp32": tiny,
+                "sdpa attention": attention.set_attention(models.load_sam("tiny", device=args.device), "sdpa"),
+                "w8a8": quantization.make_variant(models.load_sam("tiny", device=args.device), "w8a8")[0],
+                "student": distillation.deployable(distillation.load_shipped_student(models.load_sam("tiny")))}
+    seeds = scenes.split_seeds(args.split, args.scenes)
+    return everything.bench_everything(variants, seeds, cfg, progress=not args.json)
 
 
 def cmd_bench_machine(args) -> dict:
@@ -323,6 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--device", default="cpu")
     bd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     bd.set_defaults(fn=cmd_bench_distill)
+
+    bev = bsub.add_parser("everything", help="segment everything: the automatic mask generator, timed and scored (chapter 05)")
+    bev.add_argument("--scenes", type=int, default=10)
+    bev.add_argument("--split", choices=["eval", "val"], default="eval")
+    bev.add_argument("--points-per-side", type=int, default=16)
+    bev.add_argument("--device", default="cpu")
+    bev.add_argument("--json", action="store_true")
+    bev.set_defaults(fn=cmd_bench_everything)
 
     bm = bsub.add_parser("machine", help="this machine's GEMM rates per dtype and memory bandwidth (the roofline)")
     bm.add_argument("--n", type=int, default=1024, help="GEMM size n x n x n")

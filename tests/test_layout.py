@@ -17,7 +17,7 @@ from edgelab import workbook
 
 PKG = Path(__file__).resolve().parent.parent / "edgelab"
 CHAPTERS = {"attention": "01", "pruning": "02", "quantization": "03", "distillation": "04",
-            "deploy": "05", "edge": "05"}
+            "deploy": "05", "edge": "05", "everything": "05"}
 TOP = {"cli"}  # parses arguments and calls every chapter: nothing imports it
 MAY_IMPORT_CHAPTERS = {"deploy": {"attention", "pruning", "quantization", "distillation", "edge"}}
 

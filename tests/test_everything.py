@@ -1,0 +1,47 @@
+"""edgelab.everything: segment everything, timed in parts and scored against exact masks."""
+import json
+
+import numpy as np
+import pytest
+
+from edgelab import everything as E
+from conftest import run_cli
+
+
+def test_best_ious_takes_each_objects_best_mask():
+    truth = np.zeros((2, 8, 8), bool)
+    truth[0, :4], truth[1, 4:] = True, True
+    pred = np.zeros((2, 8, 8), bool)
+    pred[0, :4], pred[1, 4:, :4] = True, True  # the first exactly, half of the second
+    assert E.best_ious(pred, truth).tolist() == [1.0, 0.5]
+    assert E.best_ious(pred[:0], truth).tolist() == [0.0, 0.0]
+
+
+def test_score_splits_the_time_and_counts_recall(tiny_random):
+    cfg = E.EverythingConfig(points_per_side=4, points_per_batch=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    r = E.score(tiny_random, [3], cfg)
+    assert r["decoder_batches"] == 2 and r["images"] == 1 and r["objects"] > 0
+    assert r["median_s"] == pytest.approx(r["encoder_s"] + r["decoder_s"] + r["post_s"])
+    assert 0 <= r["recall_75"] <= r["recall_50"] <= 1
+
+
+def test_config_is_checked():
+    with pytest.raises(ValueError, match="points_per_side"):
+        E.EverythingConfig(points_per_side=0).check()
+    with pytest.raises(ValueError, match="pred_iou_thresh"):
+        E.EverythingConfig(pred_iou_thresh=1.5).check()
+
+
+def test_bench_everything_json():
+    code, out, err = run_cli("bench", "everything", "--scenes", "1", "--points-per-side", "4", "--json")
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["reference"] == "pytorch fp32" and rec["weights"] == "trained"
+    for v in rec["variants"]:
+        assert {"median_s", "recall_50", "recall_75", "encoder_s", "decoder_s", "post_s"} <= set(v)
+    assert [v["name"] for v in rec["variants"]] == ["pytorch fp32", "sdpa attention", "w8a8", "student"]
+
+
+def test_bench_everything_bad_input_is_one_line():
+    code, out, err = run_cli("bench", "everything", "--scenes", "0")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--scenes" in err
