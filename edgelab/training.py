@@ -277,6 +277,23 @@ def step_seconds(wall: float, cpu: float, threads: int) -> float:
     return min(wall, cpu / max(1, threads))
 
 
+def learning_curve(run_dir: str | Path) -> list[dict]:
+    """The validation points of a run's log.jsonl: step, training hours, val_point, val_box.
+
+    A resume line supersedes what a killed run logged after its last checkpoint, so each step
+    appears once, as the run that went on from it logged it.
+    """
+    entries: list[dict] = []
+    for line in (Path(run_dir) / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "resume":
+            entries = [e for e in entries if e["step"] <= rec["step"]]
+        elif "val_point" in rec:
+            entries.append(rec)
+    return [{"step": e["step"], "hours": e["train_s"] / 3600, "val_point": e["val_point"],
+             "val_box": e["val_box"]} for e in entries]
+
+
 def _cpu_name() -> str:
     import platform
     try:

@@ -145,3 +145,14 @@ def test_the_trained_architecture_is_tiny_next(tmp_path):
     training.train_tiny(tmp_path, cfg, progress=False)
     model = models.load_sam("tiny_next", checkpoint=tmp_path / "checkpoint.pt")  # the training checkpoint loads
     assert model.edgelab.weights_kind == "checkpoint"
+
+
+def test_learning_curve_drops_what_a_resume_superseded(tmp_path):
+    lines = [{"event": "start"}, {"step": 10, "train_s": 360.0, "val_point": 0.1, "val_box": 0.2},
+             {"step": 20, "train_s": 720.0, "val_point": 0.3, "val_box": 0.4},  # after the checkpoint at 10
+             {"event": "resume", "step": 10, "train_s": 360.0},
+             {"step": 20, "train_s": 700.0, "val_point": 0.35, "val_box": 0.45}]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    curve = training.learning_curve(tmp_path)
+    assert [(c["step"], c["val_point"]) for c in curve] == [(10, 0.1), (20, 0.35)]
+    assert curve[0]["hours"] == pytest.approx(0.1)
