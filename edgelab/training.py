@@ -33,7 +33,7 @@ from scipy import ndimage
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
-from . import evaluate, models, scenes
+from . import bench, evaluate, models, scenes
 
 
 @dataclass
@@ -68,12 +68,9 @@ def tiny_config(cfg: TrainConfig) -> models.SamConfig:
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has BF16 instructions (avx512_bf16 or AMX), read from /proc/cpuinfo."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    """Whether this CPU has BF16 instructions (avx512_bf16 or AMX), from `bench.machine_info`."""
+    info = bench.machine_info()
+    return bool(info["avx512_bf16"] or info["amx"])
 
 
 def use_bf16(cfg: TrainConfig, device: str) -> bool:
@@ -295,14 +292,7 @@ def learning_curve(run_dir: str | Path) -> list[dict]:
 
 
 def _cpu_name() -> str:
-    import platform
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return bench.machine_info()["cpu"]
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
