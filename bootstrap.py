@@ -15,6 +15,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -69,10 +70,32 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ, PYTHONHASHSEED="0")
     if verb == "run":
         cmd = [BIN / "edgelab", "run", *rest]
-    else:
-        cmd = test_command(env, rest)
-    print("+", " ".join(map(str, cmd)), flush=True)
-    return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+        print("+", " ".join(map(str, cmd)), flush=True)
+        return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+    return run_tests(env, test_command(env, rest), background=not selects_tests(rest))
+
+
+def selects_tests(rest: list[str]) -> bool:
+    """Whether pytest's extra arguments pick some tests (a path, -k, -m): then no background set-up."""
+    return any(not a.startswith("-") or a.startswith(("-k", "-m")) for a in rest)
+
+
+def run_tests(env: dict[str, str], cmd: list[str | Path], background: bool = True) -> int:
+    """Run pytest; with `background`, the browser's and Binder's slow installs run beside it
+    (tests/prepare.py), and the two tests that need them, run last, wait for them."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import prepare
+
+    with tempfile.TemporaryDirectory(prefix="edgelab-prepared-") as folder:
+        jobs = prepare.Jobs(Path(folder))
+        for name, job in prepare.commands().items() if background else ():
+            jobs.start(name, job)
+        env[prepare.FOLDER_ENV] = folder
+        print("+", " ".join(map(str, cmd)), flush=True)
+        try:
+            return subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env).returncode
+        finally:
+            jobs.stop()
 
 
 if __name__ == "__main__":

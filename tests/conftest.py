@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -90,25 +89,9 @@ def rng() -> np.random.Generator:
 NBVAL_OUTPUT_TIMEOUT_S = 60
 
 
-def pytest_configure(config):
-    """Fix the test run's id here (xdist makes one otherwise) and keep the run's background jobs
-    (prepare.py) in its folder, which the workers of a pytest-xdist run find from the same id."""
-    if not hasattr(config, "workerinput") and getattr(config.option, "testrunuid", "") is None:
-        config.option.testrunuid = uuid.uuid4().hex
-        import prepare
-        prepare.JOBS_DIR = prepare.jobs_dir(config.option.testrunuid)
-
-
-def pytest_sessionfinish(session):
-    """Remove the run's background-job folder; under pytest-xdist, once, after every worker ended."""
-    if not hasattr(session.config, "workerinput"):
-        import prepare
-        prepare.cleanup(prepare.JOBS_DIR)
-
-
 def pytest_collection_modifyitems(session, config, items):
-    """The browser and Binder checks run last, while their installs start now in the background
-    (under pytest-xdist every worker gets here; the first to claim a job starts it: prepare.py).
+    """The browser and Binder checks run last, so that their installs, which bootstrap.py started
+    in the background (tests/prepare.py), overlap the other tests.
 
     nbval's notebook cells also get 60 s, not nbval's fixed 5 s, for each output after a cell's
     reply: on a busy 2-core machine a finished training cell of notebook 04 once went over it.
@@ -119,5 +102,4 @@ def pytest_collection_modifyitems(session, config, items):
     import prepare  # tests/ is on sys.path (pytest puts a conftest folder there)
     slow = [i for i in items if getattr(i, "module", None) and i.module.__name__.split(".")[-1] in prepare.SLOW]
     items[:] = [i for i in items if i not in slow] + slow
-    prepare.begin({i.module.__name__.split(".")[-1] for i in slow})
 

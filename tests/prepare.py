@@ -1,11 +1,9 @@
-"""Slow set-up for the browser and Binder checks, started in the background as soon as pytest has
-collected those tests (see conftest.py), so that installing overlaps the other tests; those two
-tests are moved to the end of the run and wait here for their set-up.
+"""Slow set-up for the browser and Binder checks: Debian's Chromium (apt-get) and binder/check.py.
 
-The jobs are kept in files (a claim, a log, an exit status) in a folder of this test run, so that
-under pytest-xdist every worker collects the tests but only the first starts each job, and a test
-on any worker can wait for it. When the run ends, conftest.py removes the folder (`cleanup`)
-once every job in it has ended.
+`python3 bootstrap.py test` starts both in the background before pytest starts (`Jobs`), and names
+their folder in $EDGELAB_PREPARED, so that installing overlaps the other tests; conftest.py moves
+the two tests to the end of the run, where each waits for its job (`result`). A run of pytest
+without that folder (pytest by hand, one test file) runs the job inside the test instead.
 """
 from __future__ import annotations
 
@@ -13,25 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SLOW = ("test_browser", "test_binder")
-# one id per test run: pytest-xdist gives all workers of a run the same; a plain run makes its own
-RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"{os.getpid()}-{time.time_ns()}"
-
-
-def jobs_dir(run_id: str) -> Path:
-    """The folder of test run `run_id`'s background jobs."""
-    return Path(tempfile.gettempdir()) / f"edgelab-prepare-{run_id}"
-
-
-JOBS_DIR = jobs_dir(RUN_ID)
-_PROCS: list[subprocess.Popen] = []  # kept so that they are not reaped (and warned about) early
-# runs the command with its output to $1 and, once it ends, writes its exit status to $2
-_RECORD = 'log=$1 rc=$2; shift 2; "$@" >"$log" 2>&1; echo $? >"$rc.part"; mv "$rc.part" "$rc"'
+SLOW = ("test_browser", "test_binder")  # test modules that wait for a job: run last
+FOLDER_ENV = "EDGELAB_PREPARED"
 
 
 def chromium_install_command() -> list[str] | str | None:
@@ -45,54 +31,62 @@ def chromium_install_command() -> list[str] | str | None:
     return ["sh", "-c", "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium"]
 
 
-def _paths(name: str) -> tuple[Path, Path, Path]:
-    """(claim, log, exit status) files of background job `name` in this run."""
-    return JOBS_DIR / f"{name}.claim", JOBS_DIR / f"{name}.log", JOBS_DIR / f"{name}.rc"
+def binder_command() -> list[str]:
+    return [sys.executable, str(ROOT / "binder" / "check.py")]
 
 
-def start(name: str, cmd: list[str]) -> None:
-    """Start `cmd` in the background unless this run (any xdist worker of it) already started it."""
-    claim, log, rc = _paths(name)
-    JOBS_DIR.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    with os.fdopen(fd, "w") as f:
-        f.write(str(time.time()))
-    argv = ["sh", "-c", _RECORD, "sh", str(log), str(rc), *map(str, cmd)]
-    _PROCS.append(subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL))
+def commands() -> dict[str, list[str]]:
+    """The jobs this machine needs, by name."""
+    jobs = {"binder": binder_command()}
+    chromium = chromium_install_command()
+    if isinstance(chromium, list):
+        jobs["chromium"] = chromium
+    return jobs
 
 
-def wait(name: str, timeout: float = 1200) -> tuple[int, str, float]:
-    """Wait for background job `name`: (exit status, its output, seconds it ran)."""
-    claim, log, rc = _paths(name)
-    if not claim.exists():
-        raise RuntimeError(f"background job {name!r} was never started in this run")
-    t0 = float(claim.read_text() or time.time())
+class Jobs:
+    """Background jobs of one test run, each writing `NAME.log` and, once it ends, `NAME.rc` in `folder`."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._procs: list[tuple[subprocess.Popen, threading.Thread]] = []
+
+    def start(self, name: str, cmd: list[str]) -> None:
+        log = open(self.folder / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        thread = threading.Thread(target=self._record, args=(name, proc), daemon=True)
+        thread.start()
+        self._procs.append((proc, thread))
+
+    def _record(self, name: str, proc: subprocess.Popen) -> None:
+        rc = proc.wait()
+        part = self.folder / f"{name}.rc.part"
+        part.write_text(str(rc))
+        part.replace(self.folder / f"{name}.rc")  # atomic: a waiting test never reads half a file
+
+    def stop(self) -> None:
+        """End the jobs still running (the tests that wanted them did not run or gave up)."""
+        for proc, thread in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
+            thread.join(timeout=30)
+
+
+def result(name: str, cmd: list[str], timeout: float = 1200) -> tuple[int, str, float]:
+    """Job `name`'s (exit status, output, seconds): from the run's background job where
+    bootstrap.py started one, else by running `cmd` now."""
+    folder = os.environ.get(FOLDER_ENV)
+    log = Path(folder) / f"{name}.log" if folder else None
+    t0 = time.time()
+    if log is None or not log.exists():
+        p = subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        return p.returncode, p.stdout + p.stderr, time.time() - t0
+    rc = log.with_suffix(".rc")
+    started = log.stat().st_ctime
     while not rc.exists():
         if time.time() - t0 > timeout:
             raise TimeoutError(f"background job {name!r} still running after {timeout:.0f} s")
         time.sleep(1)
-    return int(rc.read_text()), log.read_text() if log.exists() else "", rc.stat().st_mtime - t0
-
-
-def cleanup(folder: Path) -> bool:
-    """Remove a run's job folder once every job started in it has ended; True if it was removed."""
-    if not folder.is_dir():
-        return False
-    if any(not claim.with_suffix(".rc").exists() for claim in folder.glob("*.claim")):
-        return False
-    shutil.rmtree(folder, ignore_errors=True)
-    return True
-
-
-def begin(module_names: set[str]) -> None:
-    """Start the set-up that the collected slow tests need."""
-    if "test_browser" in module_names:
-        cmd = chromium_install_command()
-        if isinstance(cmd, list):
-            start("chromium", cmd)
-    if "test_binder" in module_names:
-        start("binder", [sys.executable, str(ROOT / "binder" / "check.py")])
+    return int(rc.read_text()), log.read_text(), rc.stat().st_mtime - started

@@ -1,6 +1,7 @@
 """Binder: binder/requirements.txt installs into a clean virtual environment, binder/postBuild runs
-there and binder/start launches a command with the workbook importable (binder/check.py, started
-in the background by conftest.py; about 2.5 minutes and 5 GB of disk while it runs)."""
+there and binder/start launches a command with the workbook importable (binder/check.py, which
+`bootstrap.py test` starts in the background: tests/prepare.py; about 2.5 minutes and 5 GB of
+disk while it runs)."""
 import re
 from pathlib import Path
 
@@ -20,8 +21,7 @@ def test_binder_files_ask_for_cpu_torch_and_open_the_notebooks():
 
 
 def test_requirements_install_and_post_build_runs_in_a_clean_environment():
-    prepare.begin({"test_binder"})
-    rc, log, seconds = prepare.wait("binder")
+    rc, log, seconds = prepare.result("binder", prepare.binder_command())
     assert rc == 0, f"binder/check.py failed after {seconds:.0f} s:\n{log[-3000:]}"
     for step in ("pip install -r binder/requirements.txt", "binder/postBuild", "binder/start"):
         assert re.search(rf"^ok\s+{re.escape(step)}", log, re.M), log

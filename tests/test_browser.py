@@ -33,13 +33,12 @@ WIDGET_CELLS = ("# Parameters", "import logging", "# NBVAL_CHECK_OUTPUT\nw = ", 
 
 
 def _chromium() -> str:
-    """Debian's Chromium: on PATH, or installed by the background job conftest.py started; else skip."""
+    """Debian's Chromium: on PATH, or installed now or by bootstrap.py's background job; else skip."""
     cmd = prepare.chromium_install_command()
     if isinstance(cmd, str):
         pytest.skip(cmd)
     if cmd is not None:
-        prepare.begin({"test_browser"})  # a run that collected only this test still installs it
-        rc, log, _ = prepare.wait("chromium")
+        rc, log, _ = prepare.result("chromium", cmd)
         if rc != 0:
             pytest.skip(f"Chromium could not be installed with apt-get: {log.strip()[-300:]}")
     path = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,46 +1,54 @@
-"""The test run's own machinery: background jobs shared by pytest-xdist workers (tests/prepare.py)
-and the command `bootstrap.py test` runs."""
+"""The test run's own machinery: the background set-up jobs (tests/prepare.py) and the command
+`bootstrap.py test` runs."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+import time
 
 import prepare
 import pytest
 
 
 @pytest.fixture
-def jobs_dir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setattr(prepare, "JOBS_DIR", tmp_path / "jobs")
-    return prepare.JOBS_DIR
+def jobs(tmp_path, monkeypatch) -> prepare.Jobs:
+    monkeypatch.setenv(prepare.FOLDER_ENV, str(tmp_path / "jobs"))
+    jobs = prepare.Jobs(tmp_path / "jobs")
+    yield jobs
+    jobs.stop()
 
 
-def test_a_job_starts_once_per_run_and_any_worker_can_wait_for_it(jobs_dir):
-    count = jobs_dir.parent / "count"
-    prepare.start("echo", ["sh", "-c", f"echo started >> {count}; echo hello; exit 3"])
-    prepare.start("echo", ["sh", "-c", f"echo started >> {count}"])  # as another worker would
-    rc, log, seconds = prepare.wait("echo", timeout=60)
+def test_a_test_gets_the_background_jobs_exit_status_and_output(jobs):
+    jobs.start("echo", ["sh", "-c", "echo hello; exit 3"])
+    rc, log, seconds = prepare.result("echo", ["sh", "-c", "echo not this one"], timeout=60)
     assert (rc, log.strip()) == (3, "hello") and seconds >= 0
-    assert count.read_text() == "started\n"
 
 
-def test_waiting_for_a_job_never_started_is_an_error(jobs_dir):
-    with pytest.raises(RuntimeError, match="never started"):
-        prepare.wait("nothing")
+def test_without_a_background_job_the_test_runs_the_command_itself(jobs, monkeypatch):
+    assert prepare.result("here", ["sh", "-c", "echo now; exit 4"], timeout=60)[:2] == (4, "now\n")
+    monkeypatch.delenv(prepare.FOLDER_ENV)
+    assert prepare.result("here", ["sh", "-c", "echo now"], timeout=60)[:2] == (0, "now\n")
 
 
-def test_waiting_gives_up_after_its_timeout(jobs_dir):
-    prepare.start("slow", [sys.executable, "-c", "import time; time.sleep(10)"])
+def test_waiting_gives_up_after_its_timeout(jobs):
+    jobs.start("slow", [sys.executable, "-c", "import time; time.sleep(10)"])
     with pytest.raises(TimeoutError, match="still running"):
-        prepare.wait("slow", timeout=1)
+        prepare.result("slow", ["true"], timeout=1)
 
 
-def test_a_run_folder_is_removed_once_its_jobs_have_ended(jobs_dir):
-    prepare.start("slow", [sys.executable, "-c", "import time; time.sleep(2)"])
-    assert not prepare.cleanup(jobs_dir) and jobs_dir.is_dir()  # a job is still running
-    prepare.wait("slow", timeout=60)
-    assert prepare.cleanup(jobs_dir) and not jobs_dir.exists()
-    assert not prepare.cleanup(jobs_dir)
+def test_stopping_ends_the_jobs_still_running(jobs):
+    jobs.start("slow", [sys.executable, "-c", "import time; time.sleep(60)"])
+    t0 = time.time()
+    jobs.stop()
+    rc, _, _ = prepare.result("slow", ["true"], timeout=5)
+    assert rc != 0 and time.time() - t0 < 30
+
+
+def test_bootstrap_starts_the_background_jobs_only_for_a_whole_run():
+    import bootstrap
+
+    assert not bootstrap.selects_tests([]) and not bootstrap.selects_tests(["--durations=30", "-x"])
+    assert bootstrap.selects_tests(["-k", "binder"]) and bootstrap.selects_tests(["tests/test_cli.py"])
+    assert bootstrap.selects_tests(["-mslow"])
 
 
 def test_bootstrap_test_runs_two_workers_with_a_share_of_the_cores_each():
