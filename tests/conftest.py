@@ -88,17 +88,47 @@ def rng() -> np.random.Generator:
 
 NBVAL_OUTPUT_TIMEOUT_S = 60
 
+# Lighter settings for the notebooks' heaviest cells under nbval: fewer fine-tuning steps and
+# repeats, smaller random-weight vit_b inputs. Nothing here feeds a `# NBVAL_CHECK_OUTPUT` cell or an
+# exercise check (tests/test_notebook_params.py checks the names); on a 2-core AMD EPYC Zen 3 these
+# cells took 36 of the 38 minutes of `bootstrap.py test` on a fresh clone.
+UNDER_TEST: dict[str, dict[str, object]] = {
+    "01_attention_profiling.ipynb": {"image_size": 512, "bf16_size": 256, "scaling_grids": [16, 32]},
+    "02_channel_pruning.ipynb": {"finetune_steps": 30, "bench_repeats": 10, "n_sens": 3},
+    "03_linear_quantization.ipynb": {"bench_repeats": 3, "finetune_steps": 15, "big_image_size": 256,
+                                     "kernel_tokens": 512},
+    "04_distillation.ipynb": {"steps": 150, "compare_steps": 50, "pool_scenes": 256, "bench_repeats": 10},
+    "05_edge_deployment.ipynb": {"finetune_steps": 15, "bench_repeats": 6, "big_image_size": 256},
+}
+
+
+def under_test_source(source: str, overrides: dict[str, object]) -> str:
+    """A parameters cell's source with `overrides` assigned after it, as papermill injects them."""
+    lines = [f"{name} = {value!r}" for name, value in overrides.items()]
+    return source + "\n# under test (tests/conftest.py UNDER_TEST): lighter settings\n" + "\n".join(lines) + "\n"
+
+
+def _lighten(item) -> None:
+    cell = getattr(item, "cell", None)
+    if cell is None or "parameters" not in cell.get("metadata", {}).get("tags", []):
+        return
+    overrides = UNDER_TEST.get(Path(str(item.fspath)).name)
+    if overrides:
+        cell.source = under_test_source(cell.source, overrides)
+
 
 def pytest_collection_modifyitems(session, config, items):
     """The browser and Binder checks run last, so that their installs, which bootstrap.py started
     in the background (tests/prepare.py), overlap the other tests.
 
+    Each notebook's parameters cell gets its UNDER_TEST settings appended.
     nbval's notebook cells also get 60 s, not nbval's fixed 5 s, for each output after a cell's
     reply: on a busy 2-core machine a finished training cell of notebook 04 once went over it.
     """
     for item in items:
         if hasattr(item, "output_timeout"):
             item.output_timeout = max(item.output_timeout, NBVAL_OUTPUT_TIMEOUT_S)
+        _lighten(item)
     import prepare  # tests/ is on sys.path (pytest puts a conftest folder there)
     slow = [i for i in items if getattr(i, "module", None) and i.module.__name__.split(".")[-1] in prepare.SLOW]
     items[:] = [i for i in items if i not in slow] + slow
