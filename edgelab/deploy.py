@@ -2,8 +2,8 @@
 
 Taught in notebook 05. The one module allowed to import the other chapters' modules: it stacks
 fused attention (01), Frobenius-norm pruning (02), INT8 (03) and the distilled student (04) on
-`tiny`, exports models to ONNX and runs them with ONNX Runtime (FP32 and its own dynamic INT8),
-and measures every variant the same way: encoder latency, end-to-end frame latency (encoder and
+`tiny`, exports models to ONNX and runs them with ONNX Runtime (FP32 and its own dynamic INT8)
+and with OpenVINO (FP32 and NNCF's post-training INT8), and measures every variant the same way: encoder latency, end-to-end frame latency (encoder and
 a decoder call for a fixed number of point prompts), size on disk, peak memory, mIoU against the
 ground truth and agreement with the PyTorch FP32 masks.
 
@@ -12,7 +12,9 @@ measured in a fresh process. Exported files go to the run folder, never into the
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import multiprocessing as mp
 import time
 import warnings
@@ -36,6 +38,9 @@ PROMPTS = 1  # point prompts per frame in the end-to-end latency: one tracked ob
 OPSET = 17
 PYTORCH_STEPS = ("reference", "fused", "pruned", "pruned+int8", "student", "student+int8")
 ORT_VARIANTS = ("ort fp32", "ort int8", "student ort fp32", "student ort int8")
+OPENVINO_VARIANTS = ("openvino fp32", "openvino int8")  # tiny on OpenVINO; INT8: NNCF on the encoder
+EDGE_VARIANTS = ORT_VARIANTS + OPENVINO_VARIANTS
+CALIBRATION_SCENES = 32  # train-split images for NNCF's post-training quantization
 MIOU_SLACK = 0.03  # the chapter's bar: a deployable variant keeps mIoU within 3 points
 
 
@@ -120,7 +125,7 @@ class Variant:
     """One deployable variant: how to run a frame, the encoder alone, and segment an image."""
 
     name: str
-    runtime: str  # "pytorch" or "onnxruntime"
+    runtime: str  # "pytorch", "onnxruntime" or "openvino"
     frame: Callable[[], object]
     encode: Callable[[], object]
     segment: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (image, (N, 2) points) -> (N, H, W)
@@ -152,27 +157,32 @@ def torch_variant(name: str, sam: Sam, image: np.ndarray, points: np.ndarray,
     return Variant(name, "pytorch", run_frame, run_encoder, segment, size, sam)
 
 
-def onnx_variant(name: str, encoder: str | Path, decoder: str | Path, image: np.ndarray,
+def edge_variant(name: str, encoder: str | Path, decoder: str | Path, image: np.ndarray,
                  points: np.ndarray, threads: int | None = None) -> Variant:
-    """Wrap an exported pair with `edge.EdgePredictor` (numpy and onnxruntime only)."""
+    """Wrap an exported pair with `edge.EdgePredictor` (numpy and ONNX Runtime or OpenVINO only)."""
     from .edge import EdgePredictor
     pred = EdgePredictor(str(encoder), str(decoder), threads or torch.get_num_threads())
     x = pred.preprocess(image)
     pred.set_image(image)
 
     def run_frame():  # the same work as Frame: encoder, decoder, best masks at the input size
-        pred.embedding = pred.encoder.run(None, {"image": x})[0]
+        pred.embedding = pred.encode(x)
         return pred.segment(points)
 
     def run_encoder():
-        return pred.encoder.run(None, {"image": x})[0]
+        return pred.encode(x)
 
     def segment(img: np.ndarray, pts: np.ndarray) -> np.ndarray:
         pred.set_image(img)
         return pred.segment(pts)
 
-    size = (Path(encoder).stat().st_size + Path(decoder).stat().st_size) / 2**20
-    return Variant(name, "onnxruntime", run_frame, run_encoder, segment, size)
+    size = sum(_model_bytes(Path(f)) for f in (encoder, decoder)) / 2**20
+    return Variant(name, pred.runtime, run_frame, run_encoder, segment, size)
+
+
+def _model_bytes(path: Path) -> int:
+    """Bytes on disk of a model file (an OpenVINO .xml counts its .bin of weights too)."""
+    return path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
 
 
 # ================================================================ the stack
@@ -335,8 +345,35 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
+def to_openvino(src: str | Path, dst: str | Path, calibration: Sequence[dict[str, np.ndarray]] | None = None) -> Path:
+    """An exported ONNX file as OpenVINO IR (`dst`, .xml beside its .bin), with edgelab's metadata
+    in its rt_info; with `calibration` (the model's inputs for some images), INT8 by NNCF's
+    post-training quantization (section "Every variant, measured the same way")."""
+    import onnx
+    import openvino as ov
+    model = ov.Core().read_model(str(src))
+    for p in onnx.load(str(src), load_external_data=False).metadata_props:
+        model.set_rt_info(p.value, ["edgelab", p.key])
+    if calibration is not None:
+        import logging
+        import nncf
+        logging.getLogger("nncf").setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()):  # NNCF's progress bars would break `--json`
+            model = nncf.quantize(model, nncf.Dataset(list(calibration)), model_type=nncf.ModelType.TRANSFORMER,
+                                  subset_size=len(calibration))
+    ov.save_model(model, str(dst), compress_to_fp16=False)
+    return Path(dst)
+
+
+def calibration_inputs(sam: Sam, n: int = CALIBRATION_SCENES) -> list[dict[str, np.ndarray]]:
+    """The encoder's inputs for the first `n` train-split images (never eval or validation)."""
+    ds = scenes.SceneDataset("train", n)
+    return [{"image": torch_input(sam, ds.scene(i).image).cpu().numpy()} for i in range(len(ds))]
+
+
 def export_all(tiny: Sam, student: Sam, run_dir: str | Path) -> dict[str, tuple[Path, Path]]:
-    """The four ONNX Runtime variants' files: tiny and the student, FP32 and INT8."""
+    """The edge variants' files: tiny and the student on ONNX Runtime, FP32 and INT8, and tiny
+    on OpenVINO, FP32 and INT8 (NNCF quantizes the encoder; the small decoder stays FP32)."""
     out: dict[str, tuple[Path, Path]] = {}
     for prefix, sam in (("tiny", tiny), ("student", student)):
         enc, dec = export_onnx(sam, run_dir, prefix)
@@ -344,18 +381,22 @@ def export_all(tiny: Sam, student: Sam, run_dir: str | Path) -> dict[str, tuple[
         out[f"{tag}ort fp32"] = (enc, dec)
         out[f"{tag}ort int8"] = (quantize_onnx(enc, enc.with_name(f"{prefix}_encoder_int8.onnx")),
                                  quantize_onnx(dec, dec.with_name(f"{prefix}_decoder_int8.onnx")))
+    enc, dec = out["ort fp32"]
+    ov_dec = to_openvino(dec, dec.with_suffix(".xml"))
+    out["openvino fp32"] = (to_openvino(enc, enc.with_suffix(".xml")), ov_dec)
+    out["openvino int8"] = (to_openvino(enc, enc.with_name("tiny_encoder_int8.xml"), calibration_inputs(tiny)), ov_dec)
     return out
 
 
 def all_variants(tiny: Sam, run_dir: str | Path, cfg: StackConfig = StackConfig(),
                  progress: bool = True) -> dict[str, Variant]:
-    """Every variant of the chapter, ready to time: the PyTorch stack, then ONNX Runtime's four."""
+    """Every variant of the chapter, ready to time: the PyTorch stack, ONNX Runtime's four, OpenVINO's two."""
     image = scenes.SceneDataset("eval", 1).scene(0).image
     points = frame_points(cfg.prompts)
     steps = build_stack(tiny, run_dir, cfg, progress)
     files = export_all(tiny, steps["student"][0], run_dir)
     out = {n: torch_variant(n, sam, image, points, size) for n, (sam, size) in steps.items()}
-    out.update({n: onnx_variant(n, enc, dec, image, points, cfg.threads) for n, (enc, dec) in files.items()})
+    out.update({n: edge_variant(n, enc, dec, image, points, cfg.threads) for n, (enc, dec) in files.items()})
     return out
 
 
@@ -391,10 +432,13 @@ def build_variant(name: str, run_dir: str | Path, cfg: StackConfig = StackConfig
     if name in ORT_VARIANTS:
         prefix = "student" if name.startswith("student") else "tiny"
         q = "_int8" if name.endswith("int8") else ""
-        return onnx_variant(name, run_dir / f"{prefix}_encoder{q}.onnx", run_dir / f"{prefix}_decoder{q}.onnx",
+        return edge_variant(name, run_dir / f"{prefix}_encoder{q}.onnx", run_dir / f"{prefix}_decoder{q}.onnx",
                             image, points, cfg.threads)
+    if name in OPENVINO_VARIANTS:
+        q = "_int8" if name.endswith("int8") else ""
+        return edge_variant(name, run_dir / f"tiny_encoder{q}.xml", run_dir / "tiny_decoder.xml", image, points, cfg.threads)
     if name not in PYTORCH_STEPS:
-        raise ValueError(f"unknown variant {name!r}: choose from {', '.join(PYTORCH_STEPS + ORT_VARIANTS)}")
+        raise ValueError(f"unknown variant {name!r}: choose from {', '.join(PYTORCH_STEPS + EDGE_VARIANTS)}")
     tiny = models.load_sam("tiny")
     if name == "reference":
         sam, size = tiny, None

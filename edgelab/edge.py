@@ -1,24 +1,32 @@
-"""A SAM predictor that needs only numpy and onnxruntime (notebook 05, "The edge predictor").
+"""A SAM predictor that needs only numpy and one runtime: ONNX Runtime or OpenVINO (notebook 05,
+"The edge predictor").
 
-This is the shape of what would ship on a drone or a camera: two ONNX files written by
-`edgelab.deploy.export_onnx` (the image encoder; the prompt encoder and mask decoder), and this
-file. It imports neither torch nor anything else of edgelab, so it can be copied on its own:
+This is the shape of what would ship on a drone or a camera: two model files written by
+`edgelab.deploy` (the image encoder; the prompt encoder and mask decoder), and this file. It
+imports neither torch nor anything else of edgelab, so it can be copied on its own:
 
     from edgelab.edge import EdgePredictor
     pred = EdgePredictor("runs/deploy/tiny_encoder.onnx", "runs/deploy/tiny_decoder.onnx")
     pred.set_image(image)                                   # (H, W, 3) uint8 RGB
     masks = pred.segment(np.array([[120, 80], [40, 200]]))  # one (x, y) point per object
 
+ONNX files (`export_onnx`) run on ONNX Runtime; OpenVINO IR files (`.xml`, from
+`deploy.to_openvino`) run on OpenVINO's runtime, which only then needs to be installed.
 The pre- and post-processing follow `SamPredictor`: the longest side is resized to the
 encoder's input size, pixels are normalised and the image is padded at the bottom right; masks
 come back at the input size, are cropped to the unpadded part and resized to the image.
 """
 from __future__ import annotations
 
-import numpy as np
-import onnxruntime as ort
+from pathlib import Path
+from typing import Callable
 
-__all__ = ["EdgePredictor", "resize_bilinear", "preprocess_shape"]
+import numpy as np
+
+__all__ = ["EdgePredictor", "resize_bilinear", "preprocess_shape", "RUNTIMES", "METADATA_KEYS"]
+
+RUNTIMES = ("onnxruntime", "openvino")
+METADATA_KEYS = ("img_size", "mask_threshold", "pixel_mean", "pixel_std")  # written by deploy.export_onnx
 
 
 def preprocess_shape(h: int, w: int, longest: int) -> tuple[int, int]:
@@ -50,30 +58,84 @@ def resize_bilinear(a: np.ndarray, h: int, w: int) -> np.ndarray:
     return rows[:, x0] * (1 - wx) + rows[:, x1] * wx
 
 
+class Session:
+    """One loaded model file: `run(feeds)` gives its outputs in order; `meta` its edgelab metadata."""
+
+    def __init__(self, run: Callable[[dict[str, np.ndarray]], list[np.ndarray]], meta: dict[str, str]):
+        self.run, self.meta = run, meta
+
+
+def ort_session(path: str, threads: int | None) -> Session:
+    """An ONNX file on ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    # idle worker threads sleep instead of spinning: a spinning pool burns the cores the rest
+    # of the device (and every other model measured beside it) needs
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return Session(lambda feeds: sess.run(None, feeds), dict(sess.get_modelmeta().custom_metadata_map))
+
+
+def openvino_session(path: str, threads: int | None) -> Session:
+    """An OpenVINO IR (or ONNX) file on OpenVINO's CPU plugin, latency mode, one stream.
+
+    Precision stays FP32 where the graph is FP32 (OpenVINO would otherwise run BF16 on CPUs
+    that have it); a graph quantized by NNCF keeps its INT8 layers."""
+    import openvino as ov
+    core = ov.Core()
+    model = core.read_model(str(path))
+    meta = {k: model.get_rt_info(["edgelab", k]).astype(str) for k in METADATA_KEYS if model.has_rt_info(["edgelab", k])}
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    outputs = compiled.outputs
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request.infer(feeds)
+        return [request.get_tensor(o).data.copy() for o in outputs]
+
+    return Session(run, meta)
+
+
+def runtime_for(path: str, runtime: str | None = None) -> str:
+    """The runtime a file runs on: `runtime` if given, else OpenVINO for `.xml` and ONNX Runtime otherwise."""
+    if runtime is None:
+        return "openvino" if Path(path).suffix == ".xml" else "onnxruntime"
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}: choose from {', '.join(RUNTIMES)}")
+    return runtime
+
+
+def load_session(path: str, runtime: str | None = None, threads: int | None = None) -> Session:
+    """`path` loaded on its runtime (see `runtime_for`)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    return (openvino_session if runtime_for(path, runtime) == "openvino" else ort_session)(str(path), threads)
+
+
 class EdgePredictor:
-    """Image in, points in, masks out: SAM on ONNX Runtime, without torch.
+    """Image in, points in, masks out: SAM on ONNX Runtime or OpenVINO, without torch.
 
     Arguments:
-        encoder: path of the image encoder's ONNX file (input `image`, (1, 3, S, S) float32).
-        decoder: path of the prompt encoder + mask decoder's ONNX file (inputs
+        encoder: path of the image encoder's file (input `image`, (1, 3, S, S) float32).
+        decoder: path of the prompt encoder + mask decoder's file (inputs
             `image_embeddings`, `point_coords` (N, K, 2), `point_labels` (N, K)).
-        threads: intra-op threads of each session (None: ONNX Runtime's default).
+        threads: intra-op threads of each session (None: the runtime's default).
+        runtime: "onnxruntime" or "openvino" (None: by the encoder's suffix, `.xml` for OpenVINO).
     """
 
-    def __init__(self, encoder: str, decoder: str, threads: int | None = None):
-        opts = ort.SessionOptions()
-        # idle worker threads sleep instead of spinning: a spinning pool burns the cores the rest
-        # of the device (and every other model measured beside it) needs
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        providers = ["CPUExecutionProvider"]
-        self.encoder = ort.InferenceSession(str(encoder), opts, providers=providers)
-        self.decoder = ort.InferenceSession(str(decoder), opts, providers=providers)
-        meta = self.encoder.get_modelmeta().custom_metadata_map
+    def __init__(self, encoder: str, decoder: str, threads: int | None = None, runtime: str | None = None):
+        self.runtime = runtime_for(str(encoder), runtime)
+        self.encoder = load_session(str(encoder), self.runtime, threads)
+        self.decoder = load_session(str(decoder), self.runtime, threads)
+        meta = self.encoder.meta
         if "pixel_mean" not in meta:
-            raise ValueError(f"{encoder} was not written by edgelab.deploy.export_onnx (no pixel_mean metadata)")
+            raise ValueError(f"{encoder} was not written by edgelab.deploy (no pixel_mean metadata)")
         self.img_size = int(meta["img_size"])
         self.mean = np.array([float(v) for v in meta["pixel_mean"].split(",")], np.float32)
         self.std = np.array([float(v) for v in meta["pixel_std"].split(",")], np.float32)
@@ -94,10 +156,14 @@ class EdgePredictor:
         out[0, :, :h, :w] = x.transpose(2, 0, 1)
         return out
 
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """The image encoder on a preprocessed (1, 3, S, S) input: the (1, C, h, w) embedding."""
+        return self.encoder.run({"image": x})[0]
+
     def set_image(self, image: np.ndarray) -> None:
         """Run the image encoder once; prompts on this image then only cost the decoder."""
         x = self.preprocess(image)
-        self.embedding = self.encoder.run(None, {"image": x})[0]
+        self.embedding = self.encode(x)
         self.original_size = image.shape[:2]
         self.input_size = preprocess_shape(*image.shape[:2], self.img_size)
 
@@ -124,8 +190,7 @@ class EdgePredictor:
         # SamPredictor pads point-only prompts with one "not a point" (label -1)
         coords = np.concatenate([self._coords(coords), np.zeros((n, 1, 2), np.float32)], axis=1)
         labels = np.concatenate([labels, -np.ones((n, 1), np.float32)], axis=1)
-        return self.decoder.run(None, {"image_embeddings": self.embedding,
-                                       "point_coords": coords, "point_labels": labels})
+        return self.decoder.run({"image_embeddings": self.embedding, "point_coords": coords, "point_labels": labels})
 
     def _to_image(self, masks: np.ndarray) -> np.ndarray:
         """(N, M, S, S) logits at the input size -> (N, M, H, W) bool masks of the image."""

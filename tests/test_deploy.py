@@ -104,6 +104,23 @@ def test_onnx_int8_keeps_metadata_and_close_masks(tiny, exported):
     assert np.mean([evaluate.iou(a, b) for a, b in zip(got, want)]) > 0.8
 
 
+def test_openvino_fp32_and_nncf_int8(tiny, exported):
+    out, enc, dec = exported
+    ov_enc, ov_dec = deploy.to_openvino(enc, out / "ov_encoder.xml"), deploy.to_openvino(dec, out / "ov_decoder.xml")
+    ov_q = deploy.to_openvino(enc, out / "ov_encoder_int8.xml", deploy.calibration_inputs(tiny, 4))
+    s = scenes.SceneDataset("eval", 1).scene(0)
+    pts, ref = _scene_points(s), SamPredictor(tiny)
+    want = evaluate.predict_masks(ref, s.image, points=pts)
+    for e, bar in ((ov_enc, 0.99), (ov_q, 0.8)):
+        pred = EdgePredictor(str(e), str(ov_dec), threads=2)
+        assert pred.runtime == "openvino"
+        pred.set_image(s.image)
+        assert np.mean([evaluate.iou(a, b) for a, b in zip(pred.segment(pts), want)]) >= bar, e.name
+    assert ov_q.with_suffix(".bin").stat().st_size < 0.5 * ov_enc.with_suffix(".bin").stat().st_size
+    with pytest.raises(ValueError, match="unknown runtime"):
+        EdgePredictor(str(enc), str(dec), runtime="tensorrt")
+
+
 def test_export_errors_are_clear(tiny, tmp_path):
     int8, _ = quantization.make_variant(tiny, "w8a8")
     with pytest.raises(deploy.ExportError, match="INT8 layers"):
@@ -155,11 +172,13 @@ def test_bench_deploy_cli(tmp_path):
     assert code == 0, err
     rec = json.loads(out)
     names = [v["name"] for v in rec["variants"]]
-    assert names == list(deploy.PYTORCH_STEPS + deploy.ORT_VARIANTS)
+    assert names == list(deploy.PYTORCH_STEPS + deploy.EDGE_VARIANTS)
     for v in rec["variants"]:
         assert {"median_s", "size_mb", "miou", "agreement"} <= set(v)
     assert rec["variants"][0]["agreement"] == 1.0
-    assert next(v for v in rec["variants"] if v["name"] == "ort fp32")["agreement"] >= 0.99
+    by = {v["name"]: v for v in rec["variants"]}
+    assert by["ort fp32"]["agreement"] >= 0.99 and by["openvino fp32"]["agreement"] >= 0.99
+    assert by["openvino int8"]["label"] == "openvino" and by["openvino int8"]["size_mb"] < by["openvino fp32"]["size_mb"]
     assert rec["deploy"]["best"]["name"] in names
     assert (tmp_path / "student_encoder_int8.onnx").is_file()
     code, _, err = run_cli("bench", "deploy", "--out", str(tmp_path), "--prune-ratio", "1.5", "--json")
