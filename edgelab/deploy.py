@@ -176,13 +176,14 @@ def edge_variant(name: str, encoder: str | Path, decoder: str | Path, image: np.
         pred.set_image(img)
         return pred.segment(pts)
 
-    size = sum(_model_bytes(Path(f)) for f in (encoder, decoder)) / 2**20
+    size = model_mb(encoder) + model_mb(decoder)
     return Variant(name, pred.runtime, run_frame, run_encoder, segment, size)
 
 
-def _model_bytes(path: Path) -> int:
-    """Bytes on disk of a model file (an OpenVINO .xml counts its .bin of weights too)."""
-    return path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)
+def model_mb(path: str | Path) -> float:
+    """Size on disk of a model file in MB (an OpenVINO .xml counts its .bin of weights too)."""
+    path = Path(path)
+    return (path.stat().st_size + (path.with_suffix(".bin").stat().st_size if path.suffix == ".xml" else 0)) / 2**20
 
 
 # ================================================================ the stack
@@ -329,6 +330,12 @@ def export_onnx(sam: Sam, out_dir: str | Path, prefix: str = "tiny") -> tuple[Pa
     return enc_path, dec_path
 
 
+def onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata `export_onnx` wrote into an ONNX file (preprocessing constants)."""
+    import onnx
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
 def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     """ONNX Runtime's own dynamic INT8 quantization (weights int8, activations quantized per
     call): the MatMul and Gemm weights; the metadata is kept (section "Every variant, measured the same way")."""
@@ -337,7 +344,7 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # its pre-processing advice
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-    props = {p.key: p.value for p in onnx.load(str(src)).metadata_props}
+    props = onnx_metadata(src)
     if props:
         m = onnx.load(str(dst))
         onnx.helper.set_model_props(m, props)
@@ -349,11 +356,10 @@ def to_openvino(src: str | Path, dst: str | Path, calibration: Sequence[dict[str
     """An exported ONNX file as OpenVINO IR (`dst`, .xml beside its .bin), with edgelab's metadata
     in its rt_info; with `calibration` (the model's inputs for some images), INT8 by NNCF's
     post-training quantization (section "Every variant, measured the same way")."""
-    import onnx
     import openvino as ov
     model = ov.Core().read_model(str(src))
-    for p in onnx.load(str(src), load_external_data=False).metadata_props:
-        model.set_rt_info(p.value, ["edgelab", p.key])
+    for key, value in onnx_metadata(src).items():
+        model.set_rt_info(value, ["edgelab", key])
     if calibration is not None:
         import logging
         import nncf
