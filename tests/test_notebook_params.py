@@ -1,4 +1,5 @@
-"""Notebook 00 reruns under papermill with non-default parameters, into a folder outside notebooks/."""
+"""Notebook parameters: notebook 00 reruns under papermill with non-default parameters, into a folder outside
+notebooks/; nbval cells get their output timeout and the lighter UNDER_TEST settings (tests/conftest.py)."""
 import json
 import re
 
