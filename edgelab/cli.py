@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True)
 
     def model_args(sp, default="tiny"):
-        sp.add_argument("--model", default=default, choices=["tiny", "tiny_next", "vit_b", "vit_l", "vit_h"])
+        sp.add_argument("--model", default=default, choices=["tiny", "vit_b", "vit_l", "vit_h"])
         sp.add_argument("--checkpoint", help="path to a SAM state dict for --model")
         sp.add_argument("--weights", choices=["trained", "random", "checkpoint"],
                         help="random: timing only, labelled so in every result")

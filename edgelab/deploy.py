@@ -31,7 +31,8 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
-from . import attention, bench, distillation, evaluate, memory, models, profiling, pruning, quantization, scenes
+from . import (attention, bench, distillation, evaluate, memory, models, profiling, pruning, quantization,
+               roofline, scenes)
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = 1  # point prompts per frame in the end-to-end latency: one tracked object (prompt_sweep: more)
@@ -518,6 +519,51 @@ def measure(variants: Mapping[str, Variant], n_eval: int = 30, repeats: int = 20
                      "speedup": frames[ref].median_s / frames[n].median_s, "size_mb": v.size_mb,
                      "peak_mem_mb": mem.get(n), **acc.get(n, {})})
     return rows
+
+
+def roofline_base(name: str) -> tuple[str, tuple[str, ...]]:
+    """The PyTorch variant whose FLOPs a variant runs, and the FLOP categories it runs in int8:
+    W8A8 in PyTorch quantizes the Linear layers; ONNX Runtime's and OpenVINO's INT8 also the
+    convolutions (so their bound assumes both at the int8 rate)."""
+    base = "student" if name.startswith("student") else "pruned" if name.startswith("pruned") else "reference"
+    if "int8" not in name:
+        return base, ()
+    return base, ("Linear/MLP",) if name in PYTORCH_STEPS else ("Linear/MLP", "conv/patch embed")
+
+
+def with_roofline(rows: Sequence[dict], variants: Mapping[str, Variant], rates: Mapping[str, Mapping[str, float]],
+                  points: np.ndarray | None = None) -> list[dict]:
+    """`measure`'s rows with each frame's lower bound on this machine (`roofline_s`) and the
+    fraction of it reached (`of_limit`), from the frame's FLOPs per dtype (section "Against the limit")."""
+    image = scenes.SceneDataset("eval", 1).scene(0).image
+    pts = frame_points() if points is None else points
+    work = {}
+    for r in rows:
+        base, int8 = roofline_base(r["name"])
+        sam = variants[base].sam
+        work[r["name"]] = roofline.work_by_dtype(Frame(sam, pts), torch_input(sam, image), int8=int8, fake=False)
+    return [roofline.annotate(r, work[r["name"]], rates) for r in rows]
+
+
+def runtime_reading(rows: Sequence[dict], machine: Mapping[str, object]) -> str:
+    """Which runtime runs tiny fastest on this CPU, and its INT8 against its FP32, read from
+    `with_roofline`'s rows (section "Which runtime wins"): sentences built from the numbers."""
+    by = {r["name"]: r for r in rows}
+    fp32 = [(label, by[n]) for label, n in (("PyTorch", "reference"), ("ONNX Runtime", "ort fp32"),
+                                            ("OpenVINO", "openvino fp32")) if n in by]
+    label, win = min(fp32, key=lambda x: x[1]["encoder_s"])
+    others = ", ".join(f"{lab} {r['encoder_s'] * 1e3:.2f} ms" for lab, r in fp32 if r is not win)
+    vnni = "with" if machine.get("avx512_vnni") else "without"
+    out = [f"FP32: {label} runs tiny's encoder fastest on this CPU ({machine.get('cpu')}), "
+           f"{win['encoder_s'] * 1e3:.2f} ms against {others}; its frame reaches {win['of_limit']:.0%} "
+           f"of this machine's limit, the reference's {by['reference']['of_limit']:.0%}."]
+    for lab, q, f in (("ONNX Runtime", "ort int8", "ort fp32"), ("OpenVINO", "openvino int8", "openvino fp32")):
+        if q in by and f in by:
+            ratio = by[f]["encoder_s"] / by[q]["encoder_s"]
+            verdict = "faster" if ratio > 1.05 else "slower" if ratio < 0.95 else "no faster"
+            out.append(f"{lab} INT8 is {verdict} than its FP32 ({ratio:.2f}x on the encoder) on a CPU {vnni} "
+                       f"AVX-512 VNNI, at mIoU {by[q]['miou']:.3f} vs {by[f]['miou']:.3f}.")
+    return " ".join(out)
 
 
 def prompt_sweep(makers: Mapping[str, Callable[[np.ndarray], Variant]], counts: Sequence[int] = (1, 4, 16),

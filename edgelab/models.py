@@ -70,15 +70,11 @@ class OfficialCheckpoint:
 
 
 CONFIGS: dict[str, SamConfig] = {
-    # The embedded default: 256 px input, 16 px patches -> 16x16 tokens, windows of 8x8 tokens.
+    # The embedded default: 256 px input, a conv stem (two stride-2 3x3 convs, 32 and 64 channels)
+    # and a 4 px patch embedding -> 16x16 tokens, windows of 8x8 tokens.
     "tiny": SamConfig(img_size=256, patch_size=16, embed_dim=128, depth=6, num_heads=4,
                       global_attn_indexes=(2, 5), window_size=8, prompt_dim=128,
-                      decoder_mlp_dim=512, decoder_heads=4),
-    # tiny's successor while it trains (data/training): the same with a conv stem; load its
-    # checkpoint with load_sam("tiny_next", checkpoint="data/training/checkpoint.pt")
-    "tiny_next": SamConfig(img_size=256, patch_size=16, embed_dim=128, depth=6, num_heads=4,
-                           global_attn_indexes=(2, 5), window_size=8, prompt_dim=128,
-                           decoder_mlp_dim=512, decoder_heads=4, stem=(32, 64)),
+                      decoder_mlp_dim=512, decoder_heads=4, stem=(32, 64)),
     "vit_b": SamConfig(1024, 16, 768, 12, 12, (2, 5, 8, 11), 14),
     "vit_l": SamConfig(1024, 16, 1024, 24, 16, (5, 11, 17, 23), 14),
     "vit_h": SamConfig(1024, 16, 1280, 32, 16, (7, 15, 23, 31), 14),

@@ -244,6 +244,15 @@ def _swap_linears(model: nn.Module, where: Sequence[str], make: Callable[[nn.Lin
 
 
 @torch.no_grad()
+def roofline_kind(name: str) -> tuple[str, tuple[str, ...]]:
+    """The dtype a variant's encoder computes in, and the FLOP categories it runs as int8 (for
+    `roofline.work_by_dtype`, section "Against the limit"): W8A8 variants run their Linear layers
+    on an int8 kernel; weight-only variants compute in fp32 on dequantized weights."""
+    if "w8a8" in name:
+        return "fp32", ("Linear/MLP",)
+    return ("bf16" if name == "bf16" else "fp32"), ()
+
+
 def quantize_w8a8(model: Sam, where: Sequence[str] = ("image_encoder", "mask_decoder"),
                   names: Iterable[str] | None = None, convs: bool = True) -> Sam:
     """A copy with every Linear in `where` (or only `names`) replaced by `Int8Linear`, and with

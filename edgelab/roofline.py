@@ -7,11 +7,11 @@ prints the rates; the chapters divide their variants' times by them.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import bench
+from . import bench, profiling
 
 DTYPES = ("fp32", "bf16", "int8")
 
@@ -68,6 +68,39 @@ def lower_bound_s(work: Mapping[str, float], rates: Mapping[str, Mapping[str, fl
     compute = sum(w / (rates[d]["rate"] * 1e9) for d, w in work.items())
     memory = bytes_moved / (rates["memory"]["rate"] * 1e9) if bytes_moved else 0.0
     return max(compute, memory)
+
+
+def work_by_dtype(module: torch.nn.Module, x: torch.Tensor, dtype: str = "fp32",
+                  int8: Sequence[str] = (), fake: bool = True) -> dict[str, float]:
+    """The FLOPs of one forward of `module` on `x` by the dtype they run in: all in `dtype`, except
+    the `profiling.flop_categories` named in `int8` (for a W8A8 variant "Linear/MLP", for a
+    runtime that also quantizes convolutions "conv/patch embed" too), counted as int8 operations.
+    `fake=False` runs the forward for real (a whole frame, whose prompt encoder needs values)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    cats = profiling.flop_categories(module, x, fake=fake)
+    unknown = set(int8) - set(cats)
+    if unknown:
+        raise ValueError(f"unknown FLOP categories {sorted(unknown)}; use {', '.join(cats)}")
+    quantized = float(sum(cats[c] for c in int8))
+    work = {dtype: float(sum(cats.values())) - quantized}
+    if quantized:
+        work["int8"] = work.get("int8", 0.0) + quantized
+    return work
+
+
+def annotate(row: dict, work: Mapping[str, float], rates: Mapping[str, Mapping[str, float]],
+             time_key: str = "median_s") -> dict:
+    """`row` with `roofline_s` (its lower bound) and `of_limit` (bound / its measured time) added,
+    the two fields results records carry (chapters 01, 03 and 05)."""
+    bound = lower_bound_s(work, rates)
+    return {**row, "roofline_s": bound, "of_limit": of_limit(row[time_key], bound)}
+
+
+def rates_line(rates: Mapping[str, Mapping[str, float]]) -> str:
+    """One line naming the measured rates, for a notebook's table heading."""
+    return (f"this machine: fp32 {rates['fp32']['rate']:.0f} GFLOP/s, bf16 {rates['bf16']['rate']:.0f} GFLOP/s, "
+            f"int8 {rates['int8']['rate']:.0f} GOP/s (torch._int_mm), memory {rates['memory']['rate']:.1f} GB/s")
 
 
 def of_limit(measured_s: float, bound_s: float) -> float:

@@ -274,21 +274,27 @@ def step_seconds(wall: float, cpu: float, threads: int) -> float:
     return min(wall, cpu / max(1, threads))
 
 
-def learning_curve(run_dir: str | Path) -> list[dict]:
-    """The validation points of a run's log.jsonl: step, training hours, val_point, val_box.
-
-    A resume line supersedes what a killed run logged after its last checkpoint, so each step
-    appears once, as the run that went on from it logged it.
-    """
+def log_records(log: str | Path) -> list[dict]:
+    """The step lines of a training log (a run folder's log.jsonl, or the file itself, such as
+    data/sam_tiny_log.jsonl), as the run that went on logged them: a resume line supersedes what
+    a killed run logged after its last checkpoint, so each step appears once."""
+    path = Path(log)
+    path = path / "log.jsonl" if path.is_dir() else path
     entries: list[dict] = []
-    for line in (Path(run_dir) / "log.jsonl").read_text().splitlines():
+    for line in path.read_text().splitlines():
         rec = json.loads(line)
         if rec.get("event") == "resume":
             entries = [e for e in entries if e["step"] <= rec["step"]]
-        elif "val_point" in rec:
+        elif "step" in rec and "event" not in rec:
             entries.append(rec)
+    return entries
+
+
+def learning_curve(log: str | Path) -> list[dict]:
+    """The validation points of a training log (see `log_records`): step, training hours,
+    val_point, val_box. Notebook 00 plots them."""
     return [{"step": e["step"], "hours": e["train_s"] / 3600, "val_point": e["val_point"],
-             "val_box": e["val_box"]} for e in entries]
+             "val_box": e["val_box"]} for e in log_records(log) if "val_point" in e]
 
 
 def _cpu_name() -> str:

@@ -183,3 +183,19 @@ def test_bench_deploy_cli(tmp_path):
     assert (tmp_path / "student_encoder_int8.onnx").is_file()
     code, _, err = run_cli("bench", "deploy", "--out", str(tmp_path), "--prune-ratio", "1.5", "--json")
     assert code == 2 and err.strip().startswith("edgelab: error: prune_ratio")
+
+
+def test_roofline_base_names_the_fp32_model_and_its_int8_layers():
+    assert deploy.roofline_base("fused") == ("reference", ())
+    assert deploy.roofline_base("pruned+int8") == ("pruned", ("Linear/MLP",))
+    assert deploy.roofline_base("student ort int8") == ("student", ("Linear/MLP", "conv/patch embed"))
+    assert deploy.roofline_base("openvino int8")[0] == "reference"
+
+
+def test_runtime_reading_follows_the_numbers():
+    row = lambda n, enc, miou=0.7: {"name": n, "encoder_s": enc, "miou": miou, "of_limit": 0.1}
+    rows = [row("reference", 0.010), row("ort fp32", 0.008), row("ort int8", 0.012, 0.69),
+            row("openvino fp32", 0.006), row("openvino int8", 0.004)]
+    text = deploy.runtime_reading(rows, {"cpu": "X", "avx512_vnni": False})
+    assert text.startswith("FP32: OpenVINO runs") and "6.00 ms" in text
+    assert "ONNX Runtime INT8 is slower" in text and "OpenVINO INT8 is faster" in text and "without" in text

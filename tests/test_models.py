@@ -52,7 +52,8 @@ def test_load_sam_random_builds_a_labelled_sam(name):
 def test_build_shapes_without_allocating(name, embed_dim, depth, millions):
     shapes = models.build_shapes(name)
     cfg = models.CONFIGS[name]
-    assert shapes["image_encoder.patch_embed.proj.weight"] == (embed_dim, 3, cfg.patch_size, cfg.patch_size)
+    in_chans = cfg.stem[-1] if cfg.stem else 3  # tiny's conv stem feeds the patch embedding
+    assert shapes["image_encoder.patch_embed.proj.weight"] == (embed_dim, in_chans, cfg.patch_stride, cfg.patch_stride)
     assert shapes["image_encoder.pos_embed"] == (1, cfg.grid, cfg.grid, embed_dim)
     blocks = {k.split(".")[2] for k in shapes if k.startswith("image_encoder.blocks.")}
     assert len(blocks) == depth

@@ -136,3 +136,10 @@ def test_cli_bench_quant_bad_variant(capsys):
     assert cli.main(["bench", "quant", "--variants", "int3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "int3" in err[0]
+
+
+def test_roofline_kind_of_each_variant():
+    assert Q.roofline_kind("w8a8_fbgemm") == ("fp32", ("Linear/MLP",))
+    assert Q.roofline_kind("prune 0.4 + w8a8") == ("fp32", ("Linear/MLP",))
+    assert Q.roofline_kind("bf16") == ("bf16", ())
+    assert Q.roofline_kind("int4_weight_only") == ("fp32", ())

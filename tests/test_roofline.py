@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from edgelab import roofline
 from conftest import run_cli
@@ -46,3 +47,23 @@ def test_bench_machine_json():
     assert rec["weights"] == "random" and rec["reference"] == "gemm fp32"
     assert [v["name"] for v in rec["variants"]] == ["gemm fp32", "gemm bf16", "gemm int8", "memory copy"]
     assert set(rec["rates"]) == {"fp32", "bf16", "int8", "memory"} and all(r > 0 for r in rec["rates"].values())
+
+
+def test_work_by_dtype_splits_the_flops_by_dtype():
+    from edgelab import models, profiling
+    enc = models.load_sam("tiny", weights="random").image_encoder
+    x = torch.zeros(1, 3, 256, 256)
+    cats = profiling.flop_categories(enc, x)
+    total = sum(cats.values())
+    assert roofline.work_by_dtype(enc, x) == {"fp32": total}
+    w8 = roofline.work_by_dtype(enc, x, int8=("Linear/MLP",))
+    assert w8["int8"] == cats["Linear/MLP"] and w8["fp32"] + w8["int8"] == total
+    assert roofline.work_by_dtype(enc, x, "bf16") == {"bf16": total}
+    with pytest.raises(ValueError, match="categories"):
+        roofline.work_by_dtype(enc, x, int8=("convs",))
+
+
+def test_annotate_adds_the_record_fields():
+    row = roofline.annotate({"name": "v", "median_s": 4.0}, {"fp32": 100e9}, RATES)
+    assert row["roofline_s"] == pytest.approx(1.0) and row["of_limit"] == pytest.approx(0.25)
+    assert "fp32" in roofline.rates_line({d: {"rate": 1.0} for d in (*roofline.DTYPES, "memory")})

@@ -138,12 +138,12 @@ def test_loss_is_compared_at_loss_size():
     assert torch.isfinite(loss) and mask_loss > 0
 
 
-def test_the_trained_architecture_is_tiny_next(tmp_path):
-    assert training.tiny_config(training.TrainConfig()) == models.CONFIGS["tiny_next"]
+def test_the_trained_architecture_is_tiny(tmp_path):
+    assert training.tiny_config(training.TrainConfig()) == models.CONFIGS["tiny"]
     cfg = training.TrainConfig(steps=1, batch_images=1, point_prompts=1, box_prompts=1, multi_prompts=1,
                                eval_scenes=1, bf16="off")
     training.train_tiny(tmp_path, cfg, progress=False)
-    model = models.load_sam("tiny_next", checkpoint=tmp_path / "checkpoint.pt")  # the training checkpoint loads
+    model = models.load_sam("tiny", checkpoint=tmp_path / "checkpoint.pt")  # the training checkpoint loads
     assert model.edgelab.weights_kind == "checkpoint"
 
 
