@@ -638,16 +638,28 @@ def decode_ragged(model, embs: torch.Tensor, points: torch.Tensor) -> tuple[torc
                                      model.prompt_encoder.get_dense_pe(), sparse, dense)
 
 
+def decode_shared(model, emb: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_batched` without SAM's copy of the image embedding per prompt (the fast decoder
+    path of chapter 05's "Segment everything"). In the decoder's first layer the image side is
+    the same for every prompt, so one (1, C, h, w) embedding is broadcast against the prompts'
+    tokens: its key, value and query projections run once instead of once per prompt. Only a
+    point-only batch qualifies (no mask prompt: the dense embedding is the same for all)."""
+    labels = torch.ones(len(points), 1, dtype=torch.int, device=points.device)
+    sparse, dense = model.prompt_encoder(points=(points[:, None, :], labels), boxes=None, masks=None)
+    return _predict_masks_per_prompt(model.mask_decoder, emb, model.prompt_encoder.get_dense_pe(), sparse, dense[:1])
+
+
 def _predict_masks_per_prompt(dec, src_emb, pos, sparse, dense):
-    """SAM's `MaskDecoder.predict_masks` with a per-prompt embedding batch (no repeat_interleave)."""
+    """SAM's `MaskDecoder.predict_masks` with a per-prompt embedding batch (no repeat_interleave),
+    or one embedding (batch 1) broadcast against every prompt's tokens."""
     tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
     tokens = torch.cat([tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse], dim=1)
     src = src_emb + dense
-    pos_src = torch.repeat_interleave(pos, tokens.shape[0], dim=0)
-    b, c, h, w = src.shape
+    pos_src = pos.expand(src.shape[0], -1, -1, -1)
+    b, (c, h, w) = tokens.shape[0], src.shape[1:]
     hs, src = dec.transformer(src, pos_src, tokens)
     iou_token_out, mask_tokens_out = hs[:, 0, :], hs[:, 1:(1 + dec.num_mask_tokens), :]
-    upscaled = dec.output_upscaling(src.transpose(1, 2).view(b, c, h, w))
+    upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
     hyper = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], 1)
     b, c, h, w = upscaled.shape
     masks = (hyper @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
@@ -686,4 +698,4 @@ __all__ = ["VARIANTS", "EXACT_VARIANTS", "FUSED_TILE_MB", "fused_tiles", "query_
            "use_attention", "attention_of", "attention_modules", "parse_variants", 
            
            "global_block", "block_peak_memory_mb", "block_race", "encoder_race", "attention_study", "bf16_support", "decode_loop",
-           "decode_batched", "decode_ragged", "sdpa_backend", "block_qkv"]
+           "decode_batched", "decode_shared", "decode_ragged", "sdpa_backend", "block_qkv"]

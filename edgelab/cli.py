@@ -147,15 +147,24 @@ def cmd_bench_distill(args) -> dict:
 
 def cmd_bench_everything(args) -> dict:
     """`bench everything`: SAM's automatic mask generator on tiny and its faster variants (chapter 05)."""
+    from dataclasses import replace
+
     from . import attention, distillation, everything, models, quantization, scenes
     if args.scenes < 1 or args.points_per_side < 1:
         raise UsageError("--scenes and --points-per-side must be 1 or more")
     cfg = everything.EverythingConfig(points_per_side=args.points_per_side)
     tiny = models.load_sam("tiny", device=args.device)
+    student = distillation.deployable(distillation.load_shipped_student(models.load_sam("tiny")))
+    fast = replace(cfg, fast=True)
+    c2f = replace(fast, skip_covered=True)
     variants = {"pytorch fp32": tiny,
                 "sdpa attention": attention.set_attention(models.load_sam("tiny", device=args.device), "sdpa"),
                 "w8a8": quantization.make_variant(models.load_sam("tiny", device=args.device), "w8a8")[0],
-                "student": distillation.deployable(distillation.load_shipped_student(models.load_sam("tiny")))}
+                "student": student,
+                "fast decoder": (tiny, fast),
+                "fast decoder, one batch": (tiny, replace(fast, points_per_batch=args.points_per_side ** 2)),
+                "fast decoder, coarse to fine": (tiny, c2f),
+                "student, fast, coarse to fine": (student, c2f)}
     seeds = scenes.split_seeds(args.split, args.scenes)
     return everything.bench_everything(variants, seeds, cfg, progress=not args.json)
 

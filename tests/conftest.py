@@ -36,6 +36,12 @@ def tiny_random() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def tiny_trained() -> torch.nn.Module:
+    """The shipped tiny SAM (trained weights); shared, so tests must not modify it."""
+    return models.load_sam("tiny")
+
+
+@pytest.fixture(scope="session")
 def tiny_state(tiny_random) -> dict[str, torch.Tensor]:
     """A cloned state dict of `tiny_random` (safe to mutate per test after a dict() copy)."""
     return {k: v.detach().clone() for k, v in tiny_random.state_dict().items()}

@@ -39,9 +39,36 @@ def test_bench_everything_json():
     assert rec["reference"] == "pytorch fp32" and rec["weights"] == "trained"
     for v in rec["variants"]:
         assert {"median_s", "recall_50", "recall_75", "encoder_s", "decoder_s", "post_s"} <= set(v)
-    assert [v["name"] for v in rec["variants"]] == ["pytorch fp32", "sdpa attention", "w8a8", "student"]
+    assert [v["name"] for v in rec["variants"]] == ["pytorch fp32", "sdpa attention", "w8a8", "student", "fast decoder",
+                                                    "fast decoder, one batch", "fast decoder, coarse to fine",
+                                                    "student, fast, coarse to fine"]
+    assert rec["everything"]["per_variant"]["fast decoder, coarse to fine"]["config"]["skip_covered"]
 
 
 def test_bench_everything_bad_input_is_one_line():
     code, out, err = run_cli("bench", "everything", "--scenes", "0")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--scenes" in err
+
+
+def test_fast_path_keeps_the_generators_masks(tiny_trained):
+    """Filtering before upscaling and the shared decoder change the work, not the masks."""
+    from dataclasses import replace
+    from edgelab import scenes
+    cfg = E.EverythingConfig(points_per_side=8, points_per_batch=16)
+    image = scenes.make_scene(20_000_000).image
+    slow, t_slow = E.generate(tiny_trained, image, cfg)
+    fast, t_fast = E.generate(tiny_trained, image, replace(cfg, fast=True))
+    assert t_fast["decoder_batches"] == t_slow["decoder_batches"] == 4
+    assert len(fast) == len(slow) and E.best_ious(fast, slow).min() > 0.99
+    c2f, t = E.generate(tiny_trained, image, replace(cfg, fast=True, skip_covered=True))
+    assert 3 <= t["decoder_batches"] <= 5 and len(c2f) <= len(slow)  # three rounds, the last in up to 3 batches
+
+
+def test_decode_shared_matches_decode_batched(tiny_trained):
+    import torch
+    from edgelab import attention
+    emb = tiny_trained.image_encoder(torch.randn(1, 3, 256, 256))
+    pts = torch.rand(5, 2) * 256
+    with torch.inference_mode():
+        a, b = attention.decode_batched(tiny_trained, emb, pts), attention.decode_shared(tiny_trained, emb, pts)
+    assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-5)
