@@ -1,6 +1,6 @@
 """Decoupled distillation of SAM's image encoder into small CNN students (chapter 04).
 
-Taught in notebook 04. MobileSAM's recipe, as the thesis slides (seed 002) apply it: the
+Taught in notebook 04. MobileSAM's recipe, as Adewale's thesis slides on compressing SAM apply it: the
 teacher's image encoder turns an image into an embedding; a student encoder learns to produce
 the same embedding (Huber loss by default, MSE or L1 as options); the teacher's prompt encoder
 and mask decoder are reused frozen, so the student drops into `SamPredictor` unchanged.
@@ -8,6 +8,7 @@ and mask decoder are reused frozen, so the student drops into `SamPredictor` unc
 Students (`STUDENTS`), all from random initialisation (nothing can be downloaded here):
   - resnet18:       ResNet-18's first three stages (torchvision's BasicBlock), width-scaled,
                     behind a strided stem that reads the full image (ResNet's own stem optional);
+  - resnet18_w32:   the same at twice the width (32, 64, 128 channels), the shipped student;
   - mobilenet_v3:   torchvision's MobileNetV3-Large, its first stages up to stride 8;
   - efficientvit_b0: timm's EfficientViT-B0, its first stages up to stride 8.
 A stride-8 trunk reads the image at half the teacher's side (a 2x2 average: the pixels a CNN
@@ -106,6 +107,7 @@ def efficientvit_trunk(name: str = "efficientvit_b0") -> tuple[nn.Module, int, i
 
 STUDENTS: dict[str, Callable[[], tuple[nn.Module, int, int]]] = {
     "resnet18": resnet18_trunk,
+    "resnet18_w32": lambda: resnet18_trunk(width=32),  # twice the width: the shipped student
     "mobilenet_v3": mobilenet_v3_trunk,
     "efficientvit_b0": efficientvit_trunk,
 }
