@@ -534,7 +534,8 @@ def roofline_base(name: str) -> tuple[str, tuple[str, ...]]:
 def with_roofline(rows: Sequence[dict], variants: Mapping[str, Variant], rates: Mapping[str, Mapping[str, float]],
                   points: np.ndarray | None = None) -> list[dict]:
     """`measure`'s rows with each frame's lower bound on this machine (`roofline_s`) and the
-    fraction of it reached (`of_limit`), from the frame's FLOPs per dtype (section "Against the limit")."""
+    fraction of it reached (`of_limit`), from the frame's FLOPs per dtype (section "Which
+    runtime wins, and how far from the limit")."""
     image = scenes.SceneDataset("eval", 1).scene(0).image
     pts = frame_points() if points is None else points
     work = {}
@@ -547,7 +548,8 @@ def with_roofline(rows: Sequence[dict], variants: Mapping[str, Variant], rates: 
 
 def runtime_reading(rows: Sequence[dict], machine: Mapping[str, object]) -> str:
     """Which runtime runs tiny fastest on this CPU, and its INT8 against its FP32, read from
-    `with_roofline`'s rows (section "Which runtime wins"): sentences built from the numbers."""
+    `with_roofline`'s rows (section "Which runtime wins, and how far from the limit"):
+    sentences built from the numbers."""
     by = {r["name"]: r for r in rows}
     fp32 = [(label, by[n]) for label, n in (("PyTorch", "reference"), ("ONNX Runtime", "ort fp32"),
                                             ("OpenVINO", "openvino fp32")) if n in by]

@@ -1,7 +1,8 @@
 """The package's layering (the guide's design) and its pointers into the notebooks.
 
 - the core imports no chapter module; a chapter module imports only the core, except `deploy`
-  (chapter 05), which stacks chapters 01-04 and `edge`; the CLI is the one layer above them all;
+  (chapter 05), which stacks chapters 01-04 and `edge`, and `everything` (chapter 05), which
+  decodes with chapter 01's prompt batching; the CLI is the one layer above them all;
 - no import cycle, counting imports inside functions;
 - every notebook section or exercise a docstring cites exists in that notebook.
 """
@@ -19,7 +20,8 @@ PKG = Path(__file__).resolve().parent.parent / "edgelab"
 CHAPTERS = {"attention": "01", "pruning": "02", "quantization": "03", "distillation": "04",
             "deploy": "05", "edge": "05", "everything": "05"}
 TOP = {"cli"}  # parses arguments and calls every chapter: nothing imports it
-MAY_IMPORT_CHAPTERS = {"deploy": {"attention", "pruning", "quantization", "distillation", "edge"}}
+MAY_IMPORT_CHAPTERS = {"deploy": {"attention", "pruning", "quantization", "distillation", "edge"},
+                       "everything": {"attention"}}  # segment everything decodes with chapter 01's prompt batching
 
 
 def modules() -> list[str]:
