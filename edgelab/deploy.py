@@ -414,9 +414,10 @@ def bench_deploy(run_dir: str | Path, cfg: StackConfig = StackConfig(), n_eval: 
     tiny = models.load_sam("tiny")
     variants = all_variants(tiny, run_dir, cfg, progress)
     rows = measure(variants, n_eval, repeats, run_dir if memory else None, cfg, progress)
+    rows = with_roofline(rows, variants, roofline.machine_rates(repeats=3))
     best = best_deployable(rows)
     ref = rows[0]
-    keep = ("name", "median_s", "iqr_s", "size_mb", "peak_mem_mb", "miou", "agreement")
+    keep = ("name", "median_s", "iqr_s", "size_mb", "peak_mem_mb", "miou", "agreement", "roofline_s", "of_limit")
     record = bench.bench_record("reference", "trained", [{"label": r["runtime"], **{k: r[k] for k in keep if r.get(k) is not None}}
                                                          for r in rows])
     record["deploy"] = {"config": asdict(cfg), "eval_scenes": n_eval, "prompts_per_frame": cfg.prompts,

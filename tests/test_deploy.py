@@ -174,7 +174,8 @@ def test_bench_deploy_cli(tmp_path):
     names = [v["name"] for v in rec["variants"]]
     assert names == list(deploy.PYTORCH_STEPS + deploy.EDGE_VARIANTS)
     for v in rec["variants"]:
-        assert {"median_s", "size_mb", "miou", "agreement"} <= set(v)
+        assert {"median_s", "size_mb", "miou", "agreement", "roofline_s", "of_limit"} <= set(v)
+        assert v["roofline_s"] > 0 and v["of_limit"] == pytest.approx(v["roofline_s"] / v["median_s"])
     assert rec["variants"][0]["agreement"] == 1.0
     by = {v["name"]: v for v in rec["variants"]}
     assert by["ort fp32"]["agreement"] >= 0.99 and by["openvino fp32"]["agreement"] >= 0.99
