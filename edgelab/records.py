@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable
 
 COLUMNS = ("chapter", "model", "weights", "variant", "params", "macs", "size_mb", "median_s",
-           "iqr_s", "peak_mem_mb", "miou", "miou_box")
+           "iqr_s", "peak_mem_mb", "miou", "miou_box", "of_limit")
 
 
 def write_records(results_dir: str | Path, chapter: str, rows: Iterable[dict], machine: dict) -> Path:
@@ -119,6 +119,28 @@ def html_table(rows: list[dict], columns: Iterable[str] = COLUMNS) -> str:
     return f"<table>\n<tr>{head}</tr>\n{body}\n</table>"
 
 
+def machines_table(rows: list[dict], machines: dict) -> str:
+    """The same variants on each machine side by side (`edgelab report` with runs from several
+    CPUs): one row per (chapter, model, variant) that more than one run timed, its median time
+    per run, and the slowest over the fastest. Empty when the runs share one machine's name."""
+    runs = list(machines)
+    if len(runs) < 2:
+        return ""
+    times: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("median_s") is not None:
+            times.setdefault((r["chapter"], r.get("model"), r.get("variant")), {})[r["run"]] = r["median_s"]
+    heads = [f"{run} ({(machines[run] or {}).get('cpu', '?')})" for run in runs]
+    lines = ["| chapter | model | variant | " + " | ".join(f"{h} s" for h in heads) + " | slowest / fastest |",
+             "|" + "---|" * (4 + len(runs))]
+    for (chapter, model, variant), t in times.items():
+        if len(t) < 2:
+            continue
+        cells = " | ".join(_fmt(t.get(run)) for run in runs)
+        lines.append(f"| {chapter} | {model} | {variant} | {cells} | {max(t.values()) / min(t.values()):.2f}x |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def _machine_line(machine: dict | None) -> str:
     if not machine:
         return "unknown machine"
@@ -193,7 +215,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     fig.savefig(out / "latency_miou.png", bbox_inches="tight")
     machine_md = "\n".join(f"- `{run}`: {_machine_line(m)}" for run, m in machines.items())
     fail_md = "\n".join(f"- `{f['run']}` {f['name']}: {f.get('error')}" for f in failed) or "- none"
-    md = (f"{markdown_table(rows)}\n\nMachines:\n{machine_md}\n\nFailed notebooks:\n{fail_md}\n\n"
+    side = machines_table(rows, machines)
+    side_md = f"\n\nThe same variants across machines (median seconds):\n\n{side}" if side else ""
+    md = (f"{markdown_table(rows)}\n\nMachines:\n{machine_md}{side_md}\n\nFailed notebooks:\n{fail_md}\n\n"
           "![latency vs mIoU](latency_miou.png)\n")
     (out / "report.md").write_text(md)
     (out / "report.csv").write_text(csv_table(rows))

@@ -157,3 +157,14 @@ def test_report_plot_names_a_point_by_model_where_variants_repeat():
                             ("mobilenet_v3", "distilled", 0.005))]
     texts = [t.get_text() for t in viz.latency_miou_panels(rows).axes[0].texts]
     assert sorted(texts) == sorted(["teacher", "resnet18", "mobilenet_v3"] * 2)
+
+
+def test_machines_table_puts_the_same_variant_side_by_side():
+    from edgelab import records
+    rows = [{"chapter": "01", "model": "tiny", "variant": "fused", "median_s": 0.02, "run": "xeon"},
+            {"chapter": "01", "model": "tiny", "variant": "fused", "median_s": 0.01, "run": "zen4"},
+            {"chapter": "01", "model": "tiny", "variant": "only-here", "median_s": 0.03, "run": "xeon"}]
+    table = records.machines_table(rows, {"xeon": {"cpu": "Intel Xeon"}, "zen4": {"cpu": "AMD EPYC"}})
+    assert "xeon (Intel Xeon) s" in table and "| 01 | tiny | fused | 0.02 | 0.01 | 2.00x |" in table
+    assert "only-here" not in table
+    assert records.machines_table(rows, {"xeon": {}}) == ""
