@@ -431,7 +431,7 @@ def load_shipped_student(teacher: Sam) -> Sam:
     """The student shipped in data/ (trained with the full recipe), its sha256 verified first."""
     if not SHIPPED.is_file():
         raise models.CheckpointError(f"no shipped student at {SHIPPED}: run `edgelab distill --profile full`")
-    models.verify_sha256(SHIPPED, SHIPPED_SHA256, "rerun `edgelab distill --profile full --student resnet18`")
+    models.verify_sha256(SHIPPED, SHIPPED_SHA256, "rerun `edgelab distill --profile full --student resnet18_w32`")
     return load_student(SHIPPED, teacher)
 
 

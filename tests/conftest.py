@@ -104,7 +104,8 @@ UNDER_TEST: dict[str, dict[str, object]] = {
     "03_linear_quantization.ipynb": {"bench_repeats": 3, "finetune_steps": 15, "big_image_size": 256,
                                      "kernel_tokens": 512},
     "04_distillation.ipynb": {"steps": 150, "compare_steps": 50, "pool_scenes": 256, "bench_repeats": 10},
-    "05_edge_deployment.ipynb": {"finetune_steps": 15, "bench_repeats": 6, "big_image_size": 256},
+    "05_edge_deployment.ipynb": {"finetune_steps": 15, "bench_repeats": 6, "big_image_size": 256,
+                                 "everything_scenes": 2},
 }
 
 
