@@ -117,12 +117,12 @@ def _coarse_to_fine(model: Sam, pred: SamPredictor, pts: torch.Tensor, grid: np.
     scores = torch.zeros(0)
     for step in (4, 2, 1):
         t0 = time.perf_counter()
-        now = todo & (i % step == 0) & (j % step == 0)
+        level = (i % step == 0) & (j % step == 0)
+        now, todo = todo & level, todo & ~level
         sure = masks[scores >= cfg.cover_iou_thresh]
         if len(sure) and now.any():
             idx = np.flatnonzero(now)
             now[idx[sure[:, xy[idx, 1], xy[idx, 0]].any(0).numpy()]] = False
-        todo &= ~((i % step == 0) & (j % step == 0))
         times["post_s"] += time.perf_counter() - t0
         if now.any():
             more, more_scores = _masks_for(model, pred, pts[torch.from_numpy(now)], cfg, times)
