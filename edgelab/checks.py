@@ -17,9 +17,24 @@ class ExerciseError(AssertionError):
     """A wrong exercise answer; the message says what is wrong and hints at the fix."""
 
 
-def fail(exercise: str, problem: str, hint: str) -> None:
-    """Raise ExerciseError: which exercise, what is wrong, and a hint."""
-    raise ExerciseError(f"[{exercise}] {problem}\nHint: {hint}")
+Hint = str | tuple[str, ...]
+_TRIES: dict[str, int] = {}  # failed checks per exercise in this kernel: picks the hint's tier
+
+
+def tiered(hint: Hint, tries: int) -> str:
+    """The hint tier for the `tries`-th failure: the concept first, then the API, the code last.
+
+    A hint given as one string is its only tier."""
+    tiers = (hint,) if isinstance(hint, str) else tuple(hint)
+    i = min(tries, len(tiers)) - 1
+    more = f" (hint {i + 1} of {len(tiers)}: run the check again for a more specific one)" if i + 1 < len(tiers) else ""
+    return tiers[i] + more
+
+
+def fail(exercise: str, problem: str, hint: Hint) -> None:
+    """Raise ExerciseError: which exercise, what is wrong, and a hint whose tier rises with each failure."""
+    _TRIES[exercise] = _TRIES.get(exercise, 0) + 1
+    raise ExerciseError(f"[{exercise}] {problem}\nHint: {tiered(hint, _TRIES[exercise])}")
 
 
 def require_answer(exercise: str, answer) -> None:
@@ -69,7 +84,10 @@ def check_naive_attention(fn: Callable[..., torch.Tensor]) -> None:
     q, k, v, _ = _exercise_inputs()
     got = call_answer(name, fn, q, k, v, 0.5)
     require_answer(name, got)
-    hint = ("scores = (q * scale) @ k.transpose(-2, -1); softmax over the LAST dim (the keys); "
+    hint = ("each query's output is a weighted average of the values; the weights are a softmax of its "
+            "scaled dot products with every key.",
+            "torch.softmax(..., dim=-1) normalises over the keys; k.transpose(-2, -1) makes q @ k^T.",
+            "scores = (q * scale) @ k.transpose(-2, -1); softmax over the LAST dim (the keys); "
             "then multiply by v.")
     check_close(name, got, torch.softmax(q @ k.transpose(-2, -1) * 0.5, -1) @ v, hint, atol=1e-5)
     got_t = call_answer(name, fn, q, k, v[..., :3], 0.5)
@@ -91,7 +109,11 @@ def check_rel_pos_bias(fn: Callable[..., torch.Tensor]) -> None:
     expected = sam_encoder.add_decomposed_rel_pos(torch.zeros(q.shape[0], n, n), q, th, tw, hw, hw)
     got = call_answer(name, fn, q, th, tw, hw)
     require_answer(name, got)
-    hint = ("Rh = get_rel_pos(H, H, rel_pos_h) is (H, H, d); rel_h[b, i, j, k] = sum_c q[b, i, j, c] * "
+    hint = ("the bias between query (i, j) and key (k, l) is a height term for (i, k) plus a width term "
+            "for (j, l), each a dot product of the query with a learned offset embedding.",
+            "segment_anything's get_rel_pos(H, H, rel_pos_h) gives the (H, H, d) embeddings; torch.einsum "
+            "contracts the channel dim; broadcasting adds the two terms.",
+            "Rh = get_rel_pos(H, H, rel_pos_h) is (H, H, d); rel_h[b, i, j, k] = sum_c q[b, i, j, c] * "
             "Rh[i, k, c] (einsum 'bhwc,hkc->bhwk'), likewise rel_w with Rw and the column j; then "
             "bias[b, (i, j), (k, l)] = rel_h[b, i, j, k] + rel_w[b, i, j, l]. Do not scale q here.")
     check_close(name, got, expected, hint, atol=1e-4, rtol=1e-4)
@@ -113,7 +135,10 @@ def check_fold(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
     if not (isinstance(got, (tuple, list)) and len(got) == 2):
         fail(name, "return a pair (q_folded, k_folded).", "return torch.cat([...], -1) for each of q and k.")
     qf, kf = got
-    hint = ("q' = [q * scale, rel_h, rel_w] along the last dim; k' = [k, onehot(row of the key), "
+    hint = ("a sum of dot products is one dot product of concatenated vectors: append to each query its "
+            "bias terms, and to each key a vector that picks the right term.",
+            "torch.cat along the last dim; torch.nn.functional.one_hot builds the picking vectors.",
+            "q' = [q * scale, rel_h, rel_w] along the last dim; k' = [k, onehot(row of the key), "
             "onehot(column of the key)]. Key number n sits in row n // W and column n % W.")
     # SAM's own code adds the same bias to the scaled scores
     expected = sam_encoder.add_decomposed_rel_pos((q * 0.5) @ k.transpose(-2, -1), q, th, tw, hw, hw)
@@ -186,8 +211,10 @@ def check_frobenius_ranking(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
             fail(name, f"for {what} your order is descending.", "least important first: sort ascending.")
         if got != expected:
             fail(name, f"for {what} you returned {got}, expected {expected}.",
-                  "the Frobenius norm of channel c is sqrt(sum of weight[c]**2) over all its other dims "
-                  "(weight.flatten(1).norm(dim=1)); not the sum, not the L1 norm, not the columns.")
+                  ("a channel's importance is the size of all its weights together: the Frobenius norm of "
+                   "its slice weight[c], every other dim included; not the sum, not the L1 norm, not the columns.",
+                   "Tensor.flatten(1) makes one row per output channel; Tensor.norm(dim=1) and torch.argsort.",
+                   "torch.argsort(weight.flatten(1).norm(dim=1))"))
 
 
 def check_prune_conv(fn: Callable[[torch.nn.Conv2d, torch.nn.Conv2d, float], tuple]) -> None:
@@ -277,11 +304,16 @@ def check_scale_zero_point(fn: Callable[[torch.Tensor, int], tuple]) -> None:
         scale, zero = float(got[0]), float(got[1])
         if abs(scale - want_scale) > 1e-6 * max(1.0, want_scale):
             fail(name, f"for {x.tolist()} at {bits} bits your scale is {scale:.6g}, expected {want_scale:.6g}.",
-                  "scale = (max - min) / (qmax - qmin) with qmin = -2**(bits-1), qmax = 2**(bits-1) - 1 "
-                  "(and the range widened to contain 0).")
+                  ("the scale maps the real range onto the integer range; the range must contain 0 so that "
+                   "0 is exactly representable.",
+                   "qmin = -2**(bits-1), qmax = 2**(bits-1) - 1; widen with min(x.min(), 0), max(x.max(), 0).",
+                   "scale = (max - min) / (qmax - qmin) with qmin = -2**(bits-1), qmax = 2**(bits-1) - 1 "
+                   "(and the range widened to contain 0)."))
         if zero != want_zero:
             fail(name, f"for {x.tolist()} at {bits} bits your zero point is {zero:g}, expected {want_zero}.",
-                  "zero_point = round(qmin - min / scale), an integer: the integer that real 0 maps to.")
+                  ("the zero point is the integer that real 0 maps to; the real minimum must map to qmin.",
+                   "solve qmin = min / scale + Z for Z, and round it to an integer.",
+                   "zero_point = round(qmin - min / scale)."))
 
 
 def check_quantize_per_channel(fn: Callable[[torch.Tensor, int], tuple]) -> None:
@@ -310,7 +342,10 @@ def check_quantize_per_channel(fn: Callable[[torch.Tensor, int], tuple]) -> None
             ref = torch.clamp(torch.round(w / want_scale[:, None]), -qmax, qmax)
         if q.shape != w.shape or not torch.equal(q.round().int(), ref.int()):
             fail(name, f"at {bits} bits your integers differ from torch.quantize_per_channel's.",
-                  "q = clamp(round(w / scale[:, None]), -qmax, qmax): divide each row by its own scale.")
+                  ("symmetric per-channel: each row is divided by its own scale, rounded, and clipped to the "
+                   "symmetric integer range.",
+                   "broadcast with scale[:, None]; torch.round and torch.clamp.",
+                   "q = clamp(round(w / scale[:, None]), -qmax, qmax)."))
 
 
 def check_huber_loss(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]) -> None:
@@ -329,8 +364,10 @@ def check_huber_loss(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Ten
         want = torch.nn.functional.huber_loss(s, t, delta=delta)
         if not torch.allclose(got.float().reshape(()), want, rtol=1e-5, atol=1e-7):
             small = torch.nn.functional.mse_loss(s, t) / 2
-            hint = ("for |e| <= delta use 0.5 * e**2; beyond it delta * (|e| - 0.5 * delta): the two pieces "
-                    "meet with the same value and slope at |e| = delta.")
+            hint = ("Huber is quadratic for small errors and linear for large ones; the two pieces meet "
+                    "with the same value and slope at |e| = delta.",
+                    "torch.where(e.abs() <= delta, small_piece, large_piece), then .mean().",
+                    "for |e| <= delta use 0.5 * e**2; beyond it delta * (|e| - 0.5 * delta).")
             if torch.allclose(got.float().reshape(()), small, rtol=1e-5):
                 hint = "that is half the MSE everywhere: large errors must grow linearly, not quadratically. " + hint
             fail(name, f"with delta={delta} your loss is {float(got):.6g}, expected {float(want):.6g}.", hint)
@@ -387,8 +424,11 @@ def check_choose(fn: Callable) -> None:
         got_name = got.get("name") if isinstance(got, dict) else got
         if got_name != want:
             fail(name, f"with a budget of {budget * 1e3:g} ms you chose {got_name!r}, expected {want!r}.",
-                  "keep the rows with median_s <= budget, then take the highest miou (ties: the faster); "
-                  "return None when nothing fits.")
+                  ("first rule out what does not fit the budget, then rank what is left by accuracy; "
+                   "a tie goes to the faster; nothing fits: None.",
+                   "a list comprehension filters; max(rows, key=lambda r: (r['miou'], -r['median_s'])).",
+                   "keep the rows with median_s <= budget, then take the highest miou (ties: the faster); "
+                   "return None when nothing fits."))
 
 
 def check_edge_preprocess(fn: Callable) -> None:
@@ -411,3 +451,147 @@ def check_edge_preprocess(fn: Callable) -> None:
     if np.abs(got[0, :, 48:, :]).max() > 0:
         fail(name, "the padding is not zero.", "normalise first, then pad with zeros (SamPredictor pads after normalising).")
     check_close(name, got, want, "subtract the mean and divide by the std per channel, as float32.", atol=1e-5)
+
+
+# --- design tasks and the techniques the package hides -------------------------------------------
+
+_PRUNE_CASE: dict = {}
+
+
+def _mlp_prune_case(n_scenes: int = 8, scan_ratio: float = 0.75) -> dict:
+    """Tiny (trained), its MLP sensitivity per block on validation scenes, scored once per kernel."""
+    if not _PRUNE_CASE:
+        from . import evaluate, models, pruning
+        sam = models.load_sam("tiny")
+        depth = len(sam.image_encoder.blocks)
+        score = lambda m: evaluate.evaluate_scenes(m, n_scenes, split="val", progress=False).miou  # noqa: E731
+        base = score(sam)
+        drops = {}
+        for b in range(depth):
+            ratios = tuple(scan_ratio if i == b else 0.0 for i in range(depth))
+            plan = pruning.PrunePlan(ratios, (0.0,) * depth, (0.0,) * depth)
+            drops[b] = base - score(pruning.pruned_copy(sam, plan))
+        _PRUNE_CASE.update(sam=sam, depth=depth, score=score, drops=drops, scan_ratio=scan_ratio)
+    return _PRUNE_CASE
+
+
+def check_mlp_ratios(fn: Callable[[dict, float], list], mean_ratio: float = 0.4) -> None:
+    """Notebook 02, design exercise "Beat uniform pruning": fn(drops, mean_ratio) -> one MLP ratio
+    per block. Target: at most the MACs of uniform MLP pruning at `mean_ratio`, and a validation
+    mIoU (no fine-tuning) at least as high as uniform's."""
+    from . import pruning
+    name = "beat uniform pruning"
+    case = _mlp_prune_case()
+    depth, sam = case["depth"], case["sam"]
+    got = call_answer(name, fn, dict(case["drops"]), mean_ratio)
+    require_answer(name, got)
+    ratios = [float(r) for r in got]
+    if len(ratios) != depth or not all(0.0 <= r <= 0.9 for r in ratios):
+        fail(name, f"returned {len(ratios)} ratios {ratios}; expected {depth}, each in [0, 0.9].",
+             "one ratio per block, in block order; 0 keeps the block's MLP whole.")
+    zeros = (0.0,) * depth
+    uniform = pruning.pruned_copy(sam, pruning.PrunePlan((mean_ratio,) * depth, zeros, zeros))
+    mine = pruning.pruned_copy(sam, pruning.PrunePlan(tuple(ratios), zeros, zeros))
+    macs_u, macs_m = pruning.encoder_macs(uniform), pruning.encoder_macs(mine)
+    hint = ("a block whose pruning costs little accuracy (a small drop) can give more channels; a sensitive "
+            "one should give fewer. Keep the average ratio at the budget.",
+            "sort the blocks by drop (sorted(drops, key=drops.get)) and hand out ratios from high to low, "
+            "or scale each block's ratio by how far its drop is below the mean; then rescale to the budget.",
+            "ladder = sorted ratios with mean mean_ratio, e.g. mean_ratio + spread * (linspace(1, -1, depth)); "
+            "give ladder[i] to the i-th least sensitive block; clip to [0, 0.9].")
+    if macs_m > macs_u * 1.001:
+        fail(name, f"your plan costs {macs_m / 1e6:.1f} M MACs, uniform {mean_ratio:g} costs {macs_u / 1e6:.1f} M: "
+             "over the budget.", hint)
+    s_u, s_m = case["score"](uniform), case["score"](mine)
+    if s_m < s_u:
+        fail(name, f"validation mIoU {s_m:.3f} with your ratios, {s_u:.3f} with uniform {mean_ratio:g}: "
+             "not better yet.", hint)
+    print(f"[{name}] validation mIoU {s_m:.3f} vs uniform {s_u:.3f} at {macs_m / macs_u:.3f}x its MACs")
+
+
+def check_int8_linear(fn: Callable) -> None:
+    """Notebook 03, exercise "Int8Linear's forward": fn(x, weight_q_t, weight_scale, bias) -> y, the
+    W8A8 product on torch._int_mm (per-token symmetric activations, int32 accumulation, rescale),
+    equal to edgelab's Int8Linear."""
+    from .quantization import Int8Linear
+    name = "int8 linear"
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 20, 64) * torch.linspace(0.1, 4.0, 20)[None, :, None]
+    ref = Int8Linear.from_float(lin)
+    with torch.no_grad():
+        want = ref(x)
+    calls = []
+    real = torch._int_mm
+
+    def counting(a, b):
+        calls.append((a.dtype, b.dtype))
+        return real(a, b)
+    torch._int_mm = counting
+    try:
+        got = call_answer(name, fn, x.clone(), ref.weight_q_t.clone(), ref.weight_scale.clone(), lin.bias.detach().clone())
+    finally:
+        torch._int_mm = real
+    require_answer(name, got)
+    if not calls or any(c != (torch.int8, torch.int8) for c in calls):
+        fail(name, "the product did not run in torch._int_mm on two int8 tensors.",
+             ("the point of W8A8 is that the matmul itself is integer: quantize x to int8 first.",
+              "torch._int_mm(a_int8 (M, K), b_int8 (K, N)) -> int32 (M, N); it needs 2-D inputs: reshape x.",
+              "xq = round(x2 / s).clamp(-127, 127).to(torch.int8); torch._int_mm(xq, weight_q_t)"))
+    hint = ("int32 accumulators count in units of (activation scale x weight scale): multiply them back, "
+            "one activation scale per token (row), one weight scale per output channel (column); add the bias last.",
+            "s = x2.abs().amax(dim=1, keepdim=True) / 127 per row; y = acc.float() * weight_scale * s + bias.",
+            "y = torch._int_mm(xq, weight_q_t).float() * weight_scale * s + bias, then reshape to x's leading dims.")
+    got = torch.as_tensor(got)
+    if tuple(got.shape) != tuple(want.shape):
+        fail(name, f"shape {tuple(got.shape)}, expected {tuple(want.shape)}.", hint)
+    check_close(name, got.float(), want, hint, atol=1e-4, rtol=1e-4)
+
+
+def check_distill_step(fn: Callable) -> None:
+    """Notebook 04, exercise "One training step": fn(student, optimizer, images, targets, delta) -> the
+    step's loss as a float, after one optimizer step on the Huber loss to the teacher's embeddings."""
+    import copy
+    name = "one training step"
+    torch.manual_seed(6)
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.GELU(), torch.nn.Conv2d(8, 8, 1))
+    twin = copy.deepcopy(student)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    opt_ref = torch.optim.AdamW(twin.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(7)
+    hint = ("a step is: forget the last gradients, measure the loss, push the gradients back, move the weights.",
+            "optimizer.zero_grad(); loss = F.huber_loss(student(images), targets, delta=delta); "
+            "loss.backward(); optimizer.step(); return loss.item().",
+            "the order matters: zero_grad before backward, step after it; return float(loss) of this step.")
+    for step in range(3):
+        images, targets = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 8, 4, 4, generator=g)
+        got = call_answer(name, fn, student, opt, images, targets, 0.5)
+        require_answer(name, got)
+        opt_ref.zero_grad()
+        loss = torch.nn.functional.huber_loss(twin(images), targets, delta=0.5)
+        loss.backward()
+        opt_ref.step()
+        got = float(got.detach()) if torch.is_tensor(got) else float(got)
+        if not np.isclose(got, loss.item(), rtol=1e-5):
+            fail(name, f"step {step + 1}: you returned loss {got:.6g}, expected {loss.item():.6g}.", hint)
+        worst = max((a - b).abs().max().item() for a, b in zip(student.parameters(), twin.parameters()))
+        if worst > 1e-5:
+            fail(name, f"after step {step + 1} the weights differ from one AdamW step by up to {worst:.3g}.", hint)
+
+
+def check_choose_for_load(fn: Callable) -> None:
+    """Notebook 05, design exercise "Choose for a busy machine": fn(rows, idle, busy, budget_s) -> the
+    most accurate row whose frame fits the budget both idle and under load (ties: faster when busy), or None."""
+    name = "choose for a busy machine"
+    rows = [{"name": n, "miou": m} for n, m in [("torch big", 0.75), ("ort big", 0.74), ("ort small", 0.70), ("torch small", 0.70)]]
+    idle = {"torch big": 0.012, "ort big": 0.015, "ort small": 0.006, "torch small": 0.005}
+    busy = {"torch big": 0.045, "ort big": 0.018, "ort small": 0.007, "torch small": 0.016}
+    cases = [(0.05, "torch big"), (0.02, "ort big"), (0.016, "ort small"), (0.0069, None), (0.007, "ort small")]
+    hint = ("a choice must survive the worst load you expect: judge each variant by its slower measurement.",
+            "fits = [r for r in rows if max(idle[n], busy[n]) <= budget_s]; then the highest miou, ties by busy latency.",
+            "max(fits, key=lambda r: (r['miou'], -busy[r['name']])) if fits else None")
+    for budget, want in cases:
+        got = call_answer(name, fn, [dict(r) for r in rows], dict(idle), dict(busy), budget)
+        got_name = got.get("name") if isinstance(got, dict) else got
+        if got_name != want:
+            fail(name, f"with a budget of {budget * 1e3:g} ms you chose {got_name!r}, expected {want!r}.", hint)

@@ -4,7 +4,8 @@ An exercise is a code cell whose first line is `# EXERCISE: name`. The functions
 the student's to write; the `check_*` call after them (in the same cell or the next code cell) is
 its check from `edgelab.checks`. The student build keeps every cell, clears every output and
 replaces each exercise function's body with a stub that raises `NotImplementedError`, so the
-check stops the notebook with its hint until the student's code is right.
+check stops the notebook with its hint until the student's code is right. Cells tagged
+`instructor` (the key to each chapter's written questions) are left out of the student build.
 
 An exercise runs on its own (for the proof and for grading): the imports of the cells before it,
 the functions of the earlier exercises, then the exercise cell and its check. So an exercise may
@@ -26,6 +27,7 @@ import nbformat
 from .checks import ExerciseError
 from .workbook import NOTEBOOKS_DIR, notebooks
 
+INSTRUCTOR = "instructor"  # cell tag: the answers to the written questions, left out of the student build
 MARKER = re.compile(r"^#\s*EXERCISE:\s*(\w+)\s*$")
 STUB = ("# YOUR CODE HERE: write this function, then run the cell; the check says what is still wrong.",
         "raise NotImplementedError")
@@ -104,6 +106,7 @@ def student_notebook(path: str | Path) -> tuple[nbformat.NotebookNode, list[Exer
     """Notebook `path` as handed to students: outputs cleared, solutions stubbed, checks kept."""
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if INSTRUCTOR not in c.metadata.get("tags", [])]  # the key stays home
     found = exercises(nb, path.stem)
     for cell in nb.cells:
         if cell.cell_type == "code":

@@ -225,6 +225,7 @@ class DistillConfig:
     eval_scenes: int = 20
     checkpoint_every: int = 100
     threads: int = 0  # 0: torch's default
+    init: str = ""  # a saved student to start from (a warm start) instead of random weights
 
     def check(self) -> None:
         """Raise ValueError for a parameter out of range."""
@@ -288,6 +289,14 @@ def build_pool(teacher: Sam, n: int, offset: int = SCENE_OFFSET, chunk: int = 32
     return EmbeddingPool(torch.cat(images), torch.cat(targets), seeds)
 
 
+def warm_start(sam: Sam, teacher: Sam, path: str | Path) -> Sam:
+    """`sam`'s student with the weights of the student saved at `path` (same family, or an error)."""
+    start = load_student(path, teacher)
+    if start.image_encoder.kind != sam.image_encoder.kind:
+        raise ValueError(f"{path} holds a {start.image_encoder.kind} student, not {sam.image_encoder.kind}")
+    return start
+
+
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -329,6 +338,8 @@ def train_student(teacher: Sam, run_dir: str | Path, cfg: DistillConfig = Distil
         torch.set_num_threads(cfg.threads)
     teacher = teacher.eval()
     sam = make_student(teacher, cfg.student, seed=cfg.seed)
+    if cfg.init:
+        sam = warm_start(sam, teacher, cfg.init)
     student = sam.image_encoder.train()
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, ckpt = 0, run / "checkpoint.pt"
@@ -504,6 +515,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=LOSSES, default=DistillConfig.loss)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-scenes", type=int, default=DistillConfig.eval_scenes)
+    p.add_argument("--init", default="", help="start from this saved student's weights (a warm start)")
     p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -520,7 +532,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     pick = lambda value, key: prof[key] if value is None else value  # noqa: E731
     cfg = DistillConfig(student=args.student, steps=pick(args.steps, "steps"),
                         pool_scenes=pick(args.pool_scenes, "pool_scenes"), batch_images=args.batch_images,
-                        lr=args.lr, loss=args.loss, seed=args.seed, eval_scenes=args.eval_scenes)
+                        lr=args.lr, loss=args.loss, seed=args.seed, eval_scenes=args.eval_scenes,
+                        init=args.init)
     cfg.check()
     return cfg
 

@@ -16,11 +16,35 @@ def _digest() -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in runner.notebooks()}
 
 
-def test_every_chapter_has_two_or_more_exercises():
+def test_every_chapter_has_three_or_more_exercises_and_the_tour_two():
     per_chapter = {nb.stem: 0 for nb in runner.notebooks()}
     for nb, _, _ in EXERCISES:
         per_chapter[nb.stem] += 1
-    assert all(n >= 2 for n in per_chapter.values()), per_chapter
+    assert all(n >= (2 if stem.startswith("00") else 3) for stem, n in per_chapter.items()), per_chapter
+
+
+def test_every_chapter_has_written_questions_whose_key_stays_out_of_the_student_build(tmp_path):
+    course.build_student(tmp_path)
+    for src in runner.notebooks():
+        nb = nbformat.read(src, as_version=4)
+        keys = [c for c in nb.cells if course.INSTRUCTOR in c.metadata.get("tags", [])]
+        assert keys and any("Questions" in c.source for c in nb.cells if c.cell_type == "markdown"), src.stem
+        student = nbformat.read(tmp_path / src.name, as_version=4)
+        assert not any(course.INSTRUCTOR in c.metadata.get("tags", []) for c in student.cells)
+        assert not any(k.source in c.source for k in keys for c in student.cells), src.stem
+
+
+def test_hints_rise_in_tiers_with_each_failure():
+    from edgelab import checks
+    hint = ("the concept", "the API", "the code")
+    seen = []
+    for _ in range(4):
+        with pytest.raises(checks.ExerciseError) as err:
+            checks.fail("tiers test", "wrong", hint)
+        seen.append(str(err.value).split("Hint: ")[1])
+    assert seen[0].startswith("the concept") and "hint 1 of 3" in seen[0]
+    assert seen[1].startswith("the API") and seen[2] == seen[3] == "the code"
+    assert checks.tiered("one hint", 5) == "one hint"
 
 
 @pytest.mark.parametrize("nb, index, name", EXERCISES, ids=[f"{nb.stem[:2]}-{n}" for nb, _, n in EXERCISES])
