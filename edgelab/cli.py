@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 PROG = "edgelab"
 
@@ -140,6 +141,8 @@ def cmd_bench_distill(args) -> dict:
         sam = (distillation.load_shipped_student(teacher) if path == distillation.SHIPPED
                else distillation.load_student(path, teacher))
         name = sam.edgelab.name
+        if name in students:  # two files of the same family: tell them apart by file
+            name = f"{name} ({Path(path).name})"
         students[name] = sam
         students[name + " deployable"] = distillation.deployable(sam)
     return distillation.bench_distill(teacher, students, args.scenes, args.repeats, progress=not args.json)

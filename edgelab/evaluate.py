@@ -114,6 +114,28 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, level: float = 0.9
     return float(lo), float(hi)
 
 
+def paired_difference(a: "EvalResult", b: "EvalResult") -> dict:
+    """mIoU of `a` minus `b` on the same objects, with a 95% bootstrap interval of the paired
+    per-object differences; `within_noise` when the interval contains 0 (taught in notebook 02,
+    "20 / 40 / 60% and fine-tuning": compare models on the same scenes, not by two separate intervals)."""
+    if len(a.per_object) != len(b.per_object) or a.prompt != b.prompt:
+        raise ValueError("a paired difference needs two results on the same scenes and prompts")
+    d = np.asarray(a.per_object) - np.asarray(b.per_object)
+    lo, hi = bootstrap_ci(d)
+    return {"diff": float(d.mean()), "ci": (lo, hi), "within_noise": bool(lo <= 0.0 <= hi), "n": len(d)}
+
+
+def describe_difference(name_a: str, a: "EvalResult", name_b: str, b: "EvalResult") -> str:
+    """One sentence on whether `a` beats `b`, generated from `paired_difference`."""
+    p = paired_difference(a, b)
+    lo, hi = (100 * x for x in p["ci"])
+    span = f"{100 * p['diff']:+.1f} mIoU points [95% CI {lo:+.1f}, {hi:+.1f}] over {p['n']} objects"
+    if p["within_noise"]:
+        return f"{name_a} vs {name_b}: {span}: within noise, no winner at this many scenes."
+    better, worse = (name_a, name_b) if p["diff"] > 0 else (name_b, name_a)
+    return f"{name_a} vs {name_b}: {span}: {better} is better than {worse} beyond the noise."
+
+
 def size_bin(area: int) -> str:
     """'small' (under 300 px), 'medium' or 'large' (over 4000 px)."""
     for name, (lo, hi) in SIZE_BINS.items():

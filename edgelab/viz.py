@@ -23,10 +23,22 @@ def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.55, seed: int
 
 
 def show_masks(image: np.ndarray, masks: np.ndarray, ax=None, points: np.ndarray | None = None,
-               boxes: np.ndarray | None = None, title: str = "") -> plt.Axes:
-    """Draw masks over an image, with the prompt points (stars) and boxes that produced them."""
+               boxes: np.ndarray | None = None, title: str = "", truth: np.ndarray | None = None) -> plt.Axes:
+    """Draw masks over an image, with the prompt points (stars) and boxes that produced them.
+
+    With `truth` (one ground-truth mask per predicted mask, same order), each object's true
+    outline is drawn in white over the predicted fill and labelled with its IoU, so a student
+    can judge each mask (notebook 00, "Segmenting from points and boxes")."""
     ax = ax or plt.gca()
     ax.imshow(overlay(image, masks))
+    if truth is not None:
+        for pred, gt in zip(masks, truth):
+            ax.contour(gt.astype(float), levels=[0.5], colors="white", linewidths=1.0)
+            ys, xs = np.nonzero(gt)
+            if len(xs):
+                inter, union = np.logical_and(pred, gt).sum(), np.logical_or(pred, gt).sum()
+                ax.text(xs.mean(), ys.min() - 2, f"{inter / max(union, 1):.2f}", color="white", fontsize=7,
+                        ha="center", va="bottom", bbox=dict(fc="black", alpha=0.55, pad=1, lw=0))
     if points is not None and len(points):
         pts = np.asarray(points)
         ax.scatter(pts[:, 0], pts[:, 1], marker="*", s=90, c="yellow", edgecolors="black", linewidths=0.8)

@@ -391,3 +391,18 @@ def test_agreement_of_two_different_models_is_below_one(tiny_random):
     images = [scenes.make_scene(1).image]
     result = evaluate.agreement(other, tiny_random, images, per_side=2, progress=False)
     assert 0.0 <= result.miou < 1.0
+
+
+def test_paired_difference_flags_noise_and_a_real_gap():
+    from edgelab.evaluate import EvalResult, describe_difference, paired_difference
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.4, 0.9, 200)
+    same = EvalResult(float(base.mean()), 200, 20, "point", list(base))
+    jitter = EvalResult(0.0, 200, 20, "point", list(base + rng.normal(0, 0.01, 200)))
+    better = EvalResult(0.0, 200, 20, "point", list(base + 0.05))
+    assert paired_difference(jitter, same)["within_noise"]
+    p = paired_difference(better, same)
+    assert not p["within_noise"] and abs(p["diff"] - 0.05) < 1e-9 and p["ci"][0] > 0
+    assert "b is better than a beyond the noise" in describe_difference("b", better, "a", same)
+    with pytest.raises(ValueError):
+        paired_difference(EvalResult(0.0, 3, 1, "point", [0.1, 0.2, 0.3]), same)
