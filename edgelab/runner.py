@@ -102,6 +102,27 @@ class PeakMemory:
         self._thread.join()
 
 
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def drop_progress_widgets(path: Path) -> int:
+    """Remove widget outputs (tqdm's progress bars) from an executed notebook: saved, they show a
+    frozen bar. Returns how many were removed."""
+    import nbformat
+    nb = nbformat.read(path, as_version=4)
+    n = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = [o for o in cell.outputs if WIDGET not in o.get("data", {})]
+        n += len(cell.outputs) - len(kept)
+        cell.outputs = kept
+    nb.metadata.pop("widgets", None)
+    if n:
+        nbformat.write(nb, path)
+    return n
+
+
 def execute(nb: Path, out_nb: Path, params: dict) -> tuple[str | None, float]:
     """Run one notebook with papermill into `out_nb`: (None or the error's last line, peak memory MB)."""
     import papermill as pm
@@ -115,6 +136,7 @@ def execute(nb: Path, out_nb: Path, params: dict) -> tuple[str | None, float]:
             except Exception as e:  # a failed notebook is reported; the others still run
                 text = str(e).strip()
                 return (text.splitlines()[-1][:300] if text else type(e).__name__), round(mem.peak_mb)
+        drop_progress_widgets(out_nb)
         return None, round(mem.peak_mb)
     finally:
         if quiet is None:

@@ -168,3 +168,16 @@ def test_machines_table_puts_the_same_variant_side_by_side():
     assert "xeon (Intel Xeon) s" in table and "| 01 | tiny | fused | 0.02 | 0.01 | 2.00x |" in table
     assert "only-here" not in table
     assert records.machines_table(rows, {"xeon": {}}) == ""
+
+
+def test_progress_widgets_are_dropped_from_executed_notebooks(tmp_path):
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={runner.WIDGET: {"model_id": "a"}, "text/plain": "0%|"}),
+                    nbformat.v4.new_output("stream", name="stdout", text="kept\n")]
+    nb.cells = [cell]
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, path)
+    assert runner.drop_progress_widgets(path) == 1
+    assert [o.output_type for o in nbformat.read(path, as_version=4).cells[0].outputs] == ["stream"]
