@@ -369,7 +369,8 @@ def check_huber_loss(fn: Callable[[torch.Tensor, torch.Tensor, float], torch.Ten
                     "torch.where(e.abs() <= delta, small_piece, large_piece), then .mean().",
                     "for |e| <= delta use 0.5 * e**2; beyond it delta * (|e| - 0.5 * delta).")
             if torch.allclose(got.float().reshape(()), small, rtol=1e-5):
-                hint = "that is half the MSE everywhere: large errors must grow linearly, not quadratically. " + hint
+                hint = ("that is half the MSE everywhere: large errors must grow linearly, not quadratically. "
+                        + hint[0],) + hint[1:]
             fail(name, f"with delta={delta} your loss is {float(got):.6g}, expected {float(want):.6g}.", hint)
 
 
@@ -476,7 +477,7 @@ def _mlp_prune_case(n_scenes: int = 8, scan_ratio: float = 0.75) -> dict:
 
 
 def check_mlp_ratios(fn: Callable[[dict, float], list], mean_ratio: float = 0.4) -> None:
-    """Notebook 02, design exercise "Beat uniform pruning": fn(drops, mean_ratio) -> one MLP ratio
+    """Notebook 02, exercise "beat uniform pruning" (a design task): fn(drops, mean_ratio) -> one MLP ratio
     per block. Target: at most the MACs of uniform MLP pruning at `mean_ratio`, and a validation
     mIoU (no fine-tuning) at least as high as uniform's."""
     from . import pruning
@@ -510,7 +511,7 @@ def check_mlp_ratios(fn: Callable[[dict, float], list], mean_ratio: float = 0.4)
 
 
 def check_int8_linear(fn: Callable) -> None:
-    """Notebook 03, exercise "Int8Linear's forward": fn(x, weight_q_t, weight_scale, bias) -> y, the
+    """Notebook 03, exercise "Int8Linear's forward, integer-only": fn(x, weight_q_t, weight_scale, bias) -> y, the
     W8A8 product on torch._int_mm (per-token symmetric activations, int32 accumulation, rescale),
     equal to edgelab's Int8Linear."""
     from .quantization import Int8Linear
@@ -580,7 +581,7 @@ def check_distill_step(fn: Callable) -> None:
 
 
 def check_choose_for_load(fn: Callable) -> None:
-    """Notebook 05, design exercise "Choose for a busy machine": fn(rows, idle, busy, budget_s) -> the
+    """Notebook 05, exercise "choose for a busy machine" (a design task): fn(rows, idle, busy, budget_s) -> the
     most accurate row whose frame fits the budget both idle and under load (ties: faster when busy), or None."""
     name = "choose for a busy machine"
     rows = [{"name": n, "miou": m} for n, m in [("torch big", 0.75), ("ort big", 0.74), ("ort small", 0.70), ("torch small", 0.70)]]

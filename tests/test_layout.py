@@ -3,6 +3,8 @@
 - the core imports no chapter module; a chapter module imports only the core, except `deploy`
   (chapter 05), which stacks chapters 01-04 and `edge`, and `everything` (chapter 05), which
   decodes with chapter 01's prompt batching; the CLI is the one layer above them all;
+- `checks` (the exercises' checks) may import chapter modules, to compare an answer with the
+  chapter's own implementation; no chapter imports it;
 - no import cycle, counting imports inside functions;
 - every notebook section or exercise a docstring cites exists in that notebook.
 """
@@ -19,6 +21,7 @@ from edgelab import workbook
 PKG = Path(__file__).resolve().parent.parent / "edgelab"
 CHAPTERS = {"attention": "01", "pruning": "02", "quantization": "03", "distillation": "04",
             "deploy": "05", "edge": "05", "everything": "05"}
+COURSE = {"checks"}  # exercise checks: compare answers with the chapters' own code
 TOP = {"cli"}  # parses arguments and calls every chapter: nothing imports it
 MAY_IMPORT_CHAPTERS = {"deploy": {"attention", "pruning", "quantization", "distillation", "edge"},
                        "everything": {"attention"}}  # segment everything decodes with chapter 01's prompt batching
@@ -55,7 +58,9 @@ def layering_problems(graph: dict[str, set[str]]) -> list[str]:
                 problems.append(f"{mod} -> {dep} (nothing imports the CLI)")
             elif mod in TOP:
                 continue
-            elif mod not in CHAPTERS and dep in CHAPTERS:
+            elif mod in CHAPTERS and dep in COURSE:
+                problems.append(f"{mod} -> {dep} (no chapter imports the exercise checks)")
+            elif mod not in CHAPTERS and dep in CHAPTERS and mod not in COURSE:
                 problems.append(f"{mod} -> {dep} (the core imports no chapter)")
             elif mod in CHAPTERS and dep in CHAPTERS and dep not in MAY_IMPORT_CHAPTERS.get(mod, set()):
                 problems.append(f"{mod} -> {dep} (a chapter imports only the core)")
@@ -134,8 +139,8 @@ def test_every_cited_section_is_a_heading_of_its_notebook():
     missing = []
     for mod in modules():
         for num, kind, title in citations(mod):
-            if kind == "exercise":  # a heading "Exercise N: <title>", in any case
-                if not any(re.fullmatch(rf"Exercise \d+: {re.escape(title)}", h, re.I) for h in headings(num)):
+            if kind == "exercise":  # a heading "Exercise N: <title>" or "Exercise N (design): <title>", in any case
+                if not any(re.fullmatch(rf"Exercise \d+(?: \([^)]*\))?: {re.escape(title)}", h, re.I) for h in headings(num)):
                     missing.append(f"{mod}: notebook {num} has no exercise {title!r}")
             elif not any(title in h for h in headings(num)):
                 missing.append(f"{mod}: notebook {num} has no heading {title!r}")
