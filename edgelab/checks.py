@@ -466,12 +466,8 @@ def _mlp_prune_case(n_scenes: int = 8, scan_ratio: float = 0.75) -> dict:
         sam = models.load_sam("tiny")
         depth = len(sam.image_encoder.blocks)
         score = lambda m: evaluate.evaluate_scenes(m, n_scenes, split="val", progress=False).miou  # noqa: E731
-        base = score(sam)
-        drops = {}
-        for b in range(depth):
-            ratios = tuple(scan_ratio if i == b else 0.0 for i in range(depth))
-            plan = pruning.PrunePlan(ratios, (0.0,) * depth, (0.0,) * depth)
-            drops[b] = base - score(pruning.pruned_copy(sam, plan))
+        scan = pruning.sensitivity_scan(sam, score, [scan_ratio], kinds=("mlp",), progress=False)
+        drops = {r["block"]: scan[0]["score"] - r["score"] for r in scan[1:]}
         _PRUNE_CASE.update(sam=sam, depth=depth, score=score, drops=drops, scan_ratio=scan_ratio)
     return _PRUNE_CASE
 

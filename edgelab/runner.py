@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import re
 import sys
 import time
@@ -126,23 +125,15 @@ def drop_progress_widgets(path: Path) -> int:
 def execute(nb: Path, out_nb: Path, params: dict) -> tuple[str | None, float]:
     """Run one notebook with papermill into `out_nb`: (None or the error's last line, peak memory MB)."""
     import papermill as pm
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the kernel inherits it: a saved notebook would show frozen bars
-    try:
-        with PeakMemory() as mem:
-            try:
-                pm.execute_notebook(str(nb), str(out_nb), parameters=params, cwd=str(nb.parent),
-                                    progress_bar=False, kernel_name="python3", language="python")
-            except Exception as e:  # a failed notebook is reported; the others still run
-                text = str(e).strip()
-                return (text.splitlines()[-1][:300] if text else type(e).__name__), round(mem.peak_mb)
-        drop_progress_widgets(out_nb)
-        return None, round(mem.peak_mb)
-    finally:
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
+    with PeakMemory() as mem:
+        try:
+            pm.execute_notebook(str(nb), str(out_nb), parameters=params, cwd=str(nb.parent),
+                                progress_bar=False, kernel_name="python3", language="python")
+        except Exception as e:  # a failed notebook is reported; the others still run
+            text = str(e).strip()
+            return (text.splitlines()[-1][:300] if text else type(e).__name__), round(mem.peak_mb)
+    drop_progress_widgets(out_nb)
+    return None, round(mem.peak_mb)
 
 
 def _say(line: str, progress: bool) -> None:

@@ -9,6 +9,8 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
+from . import evaluate
+
 plt.rcParams.update({"figure.dpi": 72, "savefig.dpi": 72})
 
 
@@ -36,8 +38,7 @@ def show_masks(image: np.ndarray, masks: np.ndarray, ax=None, points: np.ndarray
             ax.contour(gt.astype(float), levels=[0.5], colors="white", linewidths=1.0)
             ys, xs = np.nonzero(gt)
             if len(xs):
-                inter, union = np.logical_and(pred, gt).sum(), np.logical_or(pred, gt).sum()
-                ax.text(xs.mean(), ys.min() - 2, f"{inter / max(union, 1):.2f}", color="white", fontsize=7,
+                ax.text(xs.mean(), ys.min() - 2, f"{evaluate.iou(pred, gt):.2f}", color="white", fontsize=7,
                         ha="center", va="bottom", bbox=dict(fc="black", alpha=0.55, pad=1, lw=0))
     if points is not None and len(points):
         pts = np.asarray(points)
