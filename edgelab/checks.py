@@ -31,6 +31,14 @@ def tiered(hint: Hint, tries: int) -> str:
     return tiers[i] + more
 
 
+def reset_hints(exercise: str | None = None) -> None:
+    """Start the hint tiers again from the concept: for one exercise, or for all of them."""
+    if exercise is None:
+        _TRIES.clear()
+    else:
+        _TRIES.pop(exercise, None)
+
+
 def fail(exercise: str, problem: str, hint: Hint) -> None:
     """Raise ExerciseError: which exercise, what is wrong, and a hint whose tier rises with each failure."""
     _TRIES[exercise] = _TRIES.get(exercise, 0) + 1

@@ -28,6 +28,14 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return p.returncode, p.stdout, p.stderr
 
 
+@pytest.fixture(autouse=True)
+def fresh_hint_tiers():
+    """Each test starts with no failed exercise checks, so hint tiers do not depend on test order."""
+    from edgelab import checks
+    checks.reset_hints()
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_random() -> torch.nn.Module:
     """The tiny SAM with (seeded) random weights; shared, so tests must not modify it."""

@@ -75,3 +75,16 @@ def test_chapter_05_checks_fail_on_wrong_answers_and_pass_on_right_ones():
     with pytest.raises(checks.ExerciseError, match="padding is not zero"):
         checks.check_edge_preprocess(lambda im, m, s, n: (np.pad(im.astype(np.float32), ((0, n - im.shape[0]), (0, 0), (0, 0)))
                                                           - m).transpose(2, 0, 1)[None] / s[:, None, None])
+
+
+def test_hint_tiers_rise_per_exercise_and_reset():
+    hint = ("the concept", "the API", "the code")
+    seen = []
+    for _ in range(4):
+        with pytest.raises(checks.ExerciseError) as err:
+            checks.fail("tiers", "wrong", hint)
+        seen.append(str(err.value))
+    assert "the concept" in seen[0] and "the API" in seen[1] and "the code" in seen[2] and "the code" in seen[3]
+    checks.reset_hints("tiers")
+    with pytest.raises(checks.ExerciseError, match="the concept"):
+        checks.fail("tiers", "wrong", hint)
