@@ -141,6 +141,28 @@ def machines_table(rows: list[dict], machines: dict) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def machines_summary(rows: list[dict], machines: dict, top: int = 3) -> str:
+    """One sentence over the side-by-side table: on how many shared variants each run was the
+    faster, the spread of slowest/fastest, and the variants whose order depends most on the CPU.
+    Empty when fewer than two runs time a variant in common."""
+    runs = list(machines)
+    times: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("median_s") is not None:
+            times.setdefault((r["chapter"], r.get("model"), r.get("variant")), {})[r["run"]] = r["median_s"]
+    shared = {k: t for k, t in times.items() if len(t) >= 2}
+    if len(runs) < 2 or not shared:
+        return ""
+    wins = {run: sum(min(t, key=t.get) == run for t in shared.values()) for run in runs}
+    ratios = sorted(((max(t.values()) / min(t.values()), k) for k, t in shared.items()), reverse=True)
+    spread = [q for q, _ in ratios]
+    wins_txt = ", ".join(f"`{run}` on {n}" for run, n in wins.items())
+    big = "; ".join(f"{k[0]} {k[1]} {k[2]} {q:.2f}x" for q, k in ratios[:top])
+    return (f"Of {len(shared)} variants timed on more than one machine, the fastest was {wins_txt}; slowest over "
+            f"fastest runs from {min(spread):.2f}x to {max(spread):.2f}x (median {spread[len(spread) // 2]:.2f}x). "
+            f"Largest gaps: {big}.")
+
+
 def _machine_line(machine: dict | None) -> str:
     if not machine:
         return "unknown machine"
@@ -191,15 +213,25 @@ def update_readme(readme: str | Path, report: dict, out_dir: str | Path) -> None
             f"![latency vs mIoU per chapter]({rel}/latency_miou.png)\n\n"
             f"<details><summary>The results table ({len(report['rows'])} rows; also "
             f"[CSV]({rel}/report.csv), [HTML]({rel}/report.html))</summary>\n\n"
-            f"{markdown_table(report['rows'])}\n\n</details>\n{README_END}")
+            f"{markdown_table(report['rows'])}\n\n</details>\n{_side_by_side(report)}{README_END}")
     start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
     readme.write_text(text[:start] + body + text[end:])
+
+
+def _side_by_side(report: dict) -> str:
+    """The README's machines comparison: the summary sentence and the side-by-side table, folded."""
+    side = report.get("side") or ""
+    if not side:
+        return ""
+    rows = side.count("\n") - 1
+    return (f"\n**Across machines.** {report.get('side_summary', '')}\n\n<details><summary>The same variants on each "
+            f"machine side by side ({rows} rows, median seconds)</summary>\n\n{side}\n\n</details>\n")
 
 
 def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     """`edgelab report`: report.md, report.csv, report.html and latency_miou.png in `out_dir`.
 
-    Returns {rows, failures, machines, profiles, run_dirs, files, markdown}. The Markdown names
+    Returns {rows, failures, machines, profiles, run_dirs, files, markdown, side, side_summary}. The Markdown names
     the machine of every run and the notebooks that failed; the plot has one panel per chapter
     (each chapter times its own thing).
     """
@@ -216,7 +248,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     machine_md = "\n".join(f"- `{run}`: {_machine_line(m)}" for run, m in machines.items())
     fail_md = "\n".join(f"- `{f['run']}` {f['name']}: {f.get('error')}" for f in failed) or "- none"
     side = machines_table(rows, machines)
-    side_md = f"\n\nThe same variants across machines (median seconds):\n\n{side}" if side else ""
+    summary = machines_summary(rows, machines) if side else ""
+    side_md = f"\n\nThe same variants across machines (median seconds). {summary}\n\n{side}" if side else ""
     md = (f"{markdown_table(rows)}\n\nMachines:\n{machine_md}{side_md}\n\nFailed notebooks:\n{fail_md}\n\n"
           "![latency vs mIoU](latency_miou.png)\n")
     (out / "report.md").write_text(md)
@@ -234,4 +267,5 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict:
     plt.close(fig)
     files = [str(out / n) for n in ("report.md", "report.csv", "report.html", "latency_miou.png")]
     return {"rows": rows, "failures": failed, "machines": machines, "profiles": profiles(run_dirs),
-            "run_dirs": [str(d) for d in run_dirs], "files": files, "markdown": md}
+            "run_dirs": [str(d) for d in run_dirs], "files": files, "markdown": md, "side": side,
+            "side_summary": summary}

@@ -168,6 +168,21 @@ def test_machines_table_puts_the_same_variant_side_by_side():
     assert "xeon (Intel Xeon) s" in table and "| 01 | tiny | fused | 0.02 | 0.01 | 2.00x |" in table
     assert "only-here" not in table
     assert records.machines_table(rows, {"xeon": {}}) == ""
+    line = records.machines_summary(rows, {"xeon": {"cpu": "Intel Xeon"}, "zen4": {"cpu": "AMD EPYC"}})
+    assert "Of 1 variants" in line and "`zen4` on 1" in line and "`xeon` on 0" in line and "01 tiny fused 2.00x" in line
+
+
+def test_report_of_two_machines_puts_them_side_by_side_in_the_readme(tmp_path):
+    from edgelab import records
+    for run, cpu, t in (("xeon", "Intel Xeon", 0.02), ("zen4", "AMD EPYC", 0.01)):
+        rows = [{"chapter": "01_attention_profiling", "model": "tiny", "variant": "fused", "median_s": t, "miou": 0.7, "weights": "trained"}]
+        records.write_records(tmp_path / run / "results", "01_attention_profiling", rows, {"cpu": cpu})
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:begin -->\n<!-- results:end -->\n")
+    rep = records.write_report([tmp_path / "xeon", tmp_path / "zen4"], tmp_path / "rep")
+    records.update_readme(readme, rep, tmp_path / "rep")
+    text = readme.read_text()
+    assert "**Across machines.** Of 1 variants" in text and "| 01_attention_profiling | tiny | fused | 0.02 | 0.01 | 2.00x |" in text
 
 
 def test_progress_widgets_are_dropped_from_executed_notebooks(tmp_path):
