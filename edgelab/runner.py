@@ -104,16 +104,26 @@ class PeakMemory:
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
+def _is_progress(output: dict) -> bool:
+    """A widget (tqdm's bar) or an empty rich live display (NNCF's progress, cleared when done)."""
+    data = output.get("data", {})
+    if WIDGET in data:
+        return True
+    html, text = "".join(data.get("text/html", "")), "".join(data.get("text/plain", ""))
+    return output.get("output_type") == "display_data" and not text.strip() and html.startswith("<pre") \
+        and html.rstrip().endswith("></pre>")
+
+
 def drop_progress_widgets(path: Path) -> int:
-    """Remove widget outputs (tqdm's progress bars) from an executed notebook: saved, they show a
-    frozen bar. Returns how many were removed."""
+    """Remove progress outputs (tqdm's widgets, rich's emptied live displays) from an executed
+    notebook: saved, they show a frozen bar or blank lines. Returns how many were removed."""
     import nbformat
     nb = nbformat.read(path, as_version=4)
     n = 0
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        kept = [o for o in cell.outputs if WIDGET not in o.get("data", {})]
+        kept = [o for o in cell.outputs if not _is_progress(o)]
         n += len(cell.outputs) - len(kept)
         cell.outputs = kept
     nb.metadata.pop("widgets", None)

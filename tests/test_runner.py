@@ -189,10 +189,13 @@ def test_progress_widgets_are_dropped_from_executed_notebooks(tmp_path):
     import nbformat
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("x")
+    rich_pre = '<pre style="white-space:pre;overflow-x:auto">'
     cell.outputs = [nbformat.v4.new_output("display_data", data={runner.WIDGET: {"model_id": "a"}, "text/plain": "0%|"}),
+                    nbformat.v4.new_output("display_data", data={"text/html": rich_pre + "</pre>\n", "text/plain": ""}),
+                    nbformat.v4.new_output("display_data", data={"text/html": rich_pre + "a table</pre>\n", "text/plain": "a table"}),
                     nbformat.v4.new_output("stream", name="stdout", text="kept\n")]
     nb.cells = [cell]
     path = tmp_path / "n.ipynb"
     nbformat.write(nb, path)
-    assert runner.drop_progress_widgets(path) == 1
-    assert [o.output_type for o in nbformat.read(path, as_version=4).cells[0].outputs] == ["stream"]
+    assert runner.drop_progress_widgets(path) == 2
+    assert [o.output_type for o in nbformat.read(path, as_version=4).cells[0].outputs] == ["display_data", "stream"]
