@@ -246,7 +246,11 @@ def test_cli_bench_attention_json():
     assert a["no_core_s"] > 0
     assert a["ceiling_vs_reference"] == pytest.approx(d["variants"][0]["median_s"] / a["no_core_s"])
     # the core against the machine: matmul FLOPs of SAM's attention at the fp32 GEMM rate of this run
-    assert a["core_flops"] > 0 and a["fp32_gemm_gflops"] > 0 and a["of_ceiling"]["reference"] == 0
+    assert a["core_flops"] > 0 and a["fp32_gemm_gflops"] > 0
+    # the reference reaches 0 of its own ceiling; at 128 px with one repeat its core can measure at or
+    # under zero on a noisy machine, and then the share is None (timings are never asserted)
+    ref_core = d["variants"][0]["median_s"] - a["no_core_s"]
+    assert a["of_ceiling"]["reference"] == (0 if ref_core > 0 else None)
     for v in d["variants"]:
         core = a["core_s"][v["name"]]
         assert core == pytest.approx(v["median_s"] - a["no_core_s"])
