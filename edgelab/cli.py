@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -169,7 +170,11 @@ def cmd_bench_everything(args) -> dict:
                 "fast decoder, coarse to fine": (tiny, c2f),
                 "student, fast, coarse to fine": (student, c2f)}
     seeds = scenes.split_seeds(args.split, args.scenes)
-    return everything.bench_everything(variants, seeds, cfg, progress=not args.json)
+    with tempfile.TemporaryDirectory(prefix="edgelab-everything-") as tmp:
+        for rt in ("onnxruntime", "openvino"):  # the deployable ones: encoder and grid decoder on an edge runtime
+            model, decode = everything.runtime_model(models.load_sam("tiny"), tmp, rt)
+            variants[f"{rt}, fast, coarse to fine"] = (model, c2f, decode)
+        return everything.bench_everything(variants, seeds, cfg, progress=not args.json)
 
 
 def cmd_bench_machine(args) -> dict:
@@ -206,7 +211,13 @@ def cmd_train_tiny(args) -> dict:
         raise UsageError("--steps must be a positive number")
     cfg = training.TrainConfig(steps=args.steps or training.TrainConfig.steps, seed=args.seed,
                                hours=args.hours, threads=args.threads, eval_scenes=args.eval_scenes,
-                               checkpoint_minutes=args.checkpoint_minutes)
+                               checkpoint_minutes=args.checkpoint_minutes, lr=args.lr, warmup=args.warmup,
+                               box_noise=args.box_noise, scene_offset=args.scene_offset,
+                               init=str(args.init) if args.init else None)
+    if not 0 < args.lr <= 1 or args.warmup < 0 or not 0 <= args.box_noise <= 0.5 or args.scene_offset < 0:
+        raise UsageError("--lr must be in (0, 1], --warmup and --scene-offset at least 0, --box-noise in [0, 0.5]")
+    if args.init:
+        models.read_checkpoint(args.init, "tiny")  # one clear line now rather than after the set-up
     final = training.train_tiny(args.out, cfg, device=args.device, resume=not args.fresh,
                                 stop_after=args.stop_after, progress=not args.json)
     sha = models.sha256_of(final)
@@ -394,6 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-scenes", type=int, default=training_default("eval_scenes"),
                    help="validation scenes scored at each checkpoint")
     t.add_argument("--checkpoint-minutes", type=float, default=training_default("checkpoint_minutes"))
+    t.add_argument("--lr", type=float, default=training_default("lr"), help="peak learning rate")
+    t.add_argument("--warmup", type=int, default=training_default("warmup"), help="warm-up steps")
+    t.add_argument("--box-noise", type=float, default=training_default("box_noise"),
+                   help="std of the training boxes' corner noise, a fraction of the box's side")
+    t.add_argument("--init", help="start from these tiny weights (a second training phase)")
+    t.add_argument("--scene-offset", type=int, default=training_default("scene_offset"),
+                   help="first training scene seed (a second phase draws scenes the first never saw)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
     t.add_argument("--json", action="store_true")

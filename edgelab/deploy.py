@@ -314,21 +314,33 @@ def export_onnx(sam: Sam, out_dir: str | Path, prefix: str = "tiny") -> tuple[Pa
     enc_path, dec_path = out / f"{prefix}_encoder.onnx", out / f"{prefix}_decoder.onnx"
     with torch.no_grad():
         emb = model.image_encoder(x)
-    _export(_EncoderForExport(model.image_encoder), (x,), enc_path, ["image"], ["image_embeddings"], None,
-            f"{prefix}'s image encoder")
+    export_encoder(model, enc_path, prefix)
     pts, labels = torch.rand(2, 2, 2) * size, torch.ones(2, 2)
     _export(DecoderForExport(model), (emb, pts, labels), dec_path,
             ["image_embeddings", "point_coords", "point_labels"], ["best_masks", "iou_predictions", "low_res_masks"],
             {"point_coords": {0: "prompts", 1: "points"}, "point_labels": {0: "prompts", 1: "points"},
              "best_masks": {0: "prompts"}, "iou_predictions": {0: "prompts"}, "low_res_masks": {0: "prompts"}},
             f"{prefix}'s prompt encoder and mask decoder")
-    m = onnx.load(str(enc_path))
-    onnx.helper.set_model_props(m, {
-        "img_size": str(size), "mask_threshold": str(float(model.mask_threshold)),
-        "pixel_mean": ",".join(f"{v:g}" for v in model.pixel_mean.flatten().tolist()),
-        "pixel_std": ",".join(f"{v:g}" for v in model.pixel_std.flatten().tolist())})
-    onnx.save(m, str(enc_path))
     return enc_path, dec_path
+
+
+def export_encoder(sam: Sam, path: Path, what: str = "tiny") -> Path:
+    """The image encoder of `sam` (FP32, SAM's own attention) as ONNX at `path`, with the
+    preprocessing constants as metadata (`export_onnx` calls it; so does `initial_final` for
+    the big models, where the file may pass 2 GB and goes out as external data)."""
+    import onnx
+    _exportable(sam, what)
+    size = sam.image_encoder.img_size
+    big = models.count_params(sam.image_encoder) * 4 > 1.8 * 2**30
+    _export(_EncoderForExport(sam.image_encoder), (torch.zeros(1, 3, size, size),), path, ["image"],
+            ["image_embeddings"], None, f"{what}'s image encoder")
+    m = onnx.load(str(path))
+    onnx.helper.set_model_props(m, {
+        "img_size": str(size), "mask_threshold": str(float(sam.mask_threshold)),
+        "pixel_mean": ",".join(f"{v:g}" for v in sam.pixel_mean.flatten().tolist()),
+        "pixel_std": ",".join(f"{v:g}" for v in sam.pixel_std.flatten().tolist())})
+    onnx.save(m, str(path), save_as_external_data=big)
+    return path
 
 
 def onnx_metadata(path: str | Path) -> dict[str, str]:
@@ -693,20 +705,46 @@ def layer_kinds(variants: Mapping[str, Variant], points: np.ndarray, image: np.n
 
 def initial_final(names: Sequence[str] = ("vit_b",), img_size: int = 1024, batch: int = 1,
                   repeats: int = 2, final_attention: str = "fused", final_quant: str = "w8a8_fbgemm",
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, openvino: bool = False, run_dir: str | Path | None = None) -> list[dict]:
     """SAM's encoder as shipped (initial) against our stack (final: chapter 01's attention and
-    chapter 03's INT8), random weights, timing only (section "The poster's table")."""
+    chapter 03's INT8), random weights, timing only (section "The poster's table").
+
+    With `openvino`, the same encoder exported to ONNX runs on OpenVINO too, FP32 and INT8
+    (NNCF, calibrated on two train-split scenes: the weights are random, so only its time
+    means anything), raced with the other two: `openvino_fp32_s`, `openvino_int8_s` and their
+    relative errors against the initial encoder. Files go to `run_dir` (a temporary folder if None)."""
+    import tempfile
     rows = []
     for name in tqdm(names, desc="initial vs final", disable=not progress, leave=False):
         sam = models.timing_model(name, img_size)
         final, _ = quantization.make_variant(attention.set_attention(copy.deepcopy(sam), final_attention), final_quant)
         x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            t = {r["name"]: r for r in bench.race({"initial": lambda m=sam: m.image_encoder(x),
-                                                   "final": lambda m=final: m.image_encoder(x)},
-                                                  warmup=1, repeats=repeats)}
-        rows.append({"model": name, "params": models.count_params(sam.image_encoder), "img_size": img_size,
-                     "batch": batch, "initial_s": t["initial"]["median_s"] / batch,
-                     "final_s": t["final"]["median_s"] / batch, "rel_err": t["final"]["rel_err"], "weights": "random"})
+        fns = {"initial": lambda m=sam: m.image_encoder(x), "final": lambda m=final: m.image_encoder(x)}
+        with tempfile.TemporaryDirectory() as tmp:
+            if openvino:
+                fns.update(_openvino_encoders(sam, Path(run_dir or tmp) / f"{name}_{img_size}", x))
+            with torch.inference_mode():
+                t = {r["name"]: r for r in bench.race(fns, "initial", warmup=1, repeats=repeats)}
+        row = {"model": name, "params": models.count_params(sam.image_encoder), "img_size": img_size,
+               "batch": batch, "initial_s": t["initial"]["median_s"] / batch,
+               "final_s": t["final"]["median_s"] / batch, "rel_err": t["final"]["rel_err"], "weights": "random"}
+        for v in ("openvino fp32", "openvino int8"):
+            if v in t:
+                key = v.replace(" ", "_")
+                row[f"{key}_s"], row[f"{key}_rel_err"] = t[v]["median_s"] / batch, t[v]["rel_err"]
+        rows.append(row)
         del sam, final
     return rows
+
+
+def _openvino_encoders(sam: Sam, folder: Path, x: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """`sam`'s encoder on OpenVINO, FP32 and NNCF INT8 (two train-split scenes), as race entries on `x`."""
+    from .edge import load_session
+    folder = _run_folder(folder)
+    onnx_path = export_encoder(sam, folder / "encoder.onnx", "the encoder")
+    calib = [{"image": torch_input(sam, scenes.make_scene(s).image).cpu().numpy()} for s in scenes.split_seeds("train", 2)]
+    files = {"openvino fp32": to_openvino(onnx_path, folder / "encoder.xml"),
+             "openvino int8": to_openvino(onnx_path, folder / "encoder_int8.xml", calib)}
+    feeds = {"image": x.numpy()}
+    sessions = {n: load_session(str(f), "openvino", torch.get_num_threads()) for n, f in files.items()}
+    return {n: (lambda s=s: torch.from_numpy(s.run(feeds)[0])) for n, s in sessions.items()}

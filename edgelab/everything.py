@@ -6,22 +6,30 @@ predicted IoU and stability pass its thresholds, and removes duplicates with box
 time per image is split into the image encoder, the decoder batches and the rest (filtering,
 NMS, mask encoding), and its masks are scored against the scenes' exact instance masks: the
 recall of ground-truth objects at IoU 0.5 and 0.75 (an object counts when some generated mask
-covers it that well).
+covers it that well). The fast path also runs on an edge runtime (`runtime_model`): the image
+encoder and a grid decoder graph (`GridDecoderForExport`) on ONNX Runtime or OpenVINO, the
+filters and NMS unchanged.
 """
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
 from . import scenes
+
+# decode(model, image embedding (1, C, h, w), points (N, 2) in input pixels) -> (low-res logits of
+# SAM's three masks (N, 3, 4h, 4w), their predicted IoU (N, 3)); default `attention.decode_shared`
+Decoder = Callable[[Sam, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -65,10 +73,14 @@ def _timed(obj: object, method: str, seconds: list[float]) -> Iterator[None]:
         setattr(obj, method, original)
 
 
-def generate(model: Sam, image: np.ndarray, cfg: EverythingConfig = EverythingConfig()) -> tuple[np.ndarray, dict]:
-    """Every mask the generator keeps for `image` ((M, H, W) bool) and its time in parts (seconds)."""
+def generate(model: Sam, image: np.ndarray, cfg: EverythingConfig = EverythingConfig(),
+             decode: Decoder | None = None) -> tuple[np.ndarray, dict]:
+    """Every mask the generator keeps for `image` ((M, H, W) bool) and its time in parts (seconds).
+    A `decode` other than PyTorch's (an edge runtime's, `runtime_model`) needs the fast path."""
     if cfg.fast:
-        return fast_generate(model, image, cfg)
+        return fast_generate(model, image, cfg, decode)
+    if decode is not None:
+        raise ValueError("a runtime decoder runs only on the fast path (EverythingConfig(fast=True))")
     gen = SamAutomaticMaskGenerator(model, points_per_side=cfg.points_per_side,
                                     points_per_batch=cfg.points_per_batch, pred_iou_thresh=cfg.pred_iou_thresh,
                                     stability_score_thresh=cfg.stability_score_thresh,
@@ -85,14 +97,13 @@ def generate(model: Sam, image: np.ndarray, cfg: EverythingConfig = EverythingCo
 
 
 def _masks_for(model: Sam, pred: SamPredictor, pts: torch.Tensor, cfg: EverythingConfig,
-               times: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+               times: dict[str, float], decode: Decoder) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode `pts` in batches (`attention.decode_shared`: one image embedding for every prompt), keep the masks whose
     predicted IoU passes, upscale only those, keep the stable ones: (masks bool, scores)."""
     from segment_anything.utils.amg import calculate_stability_score
 
-    from .attention import decode_shared
     t0 = time.perf_counter()
-    outs = [decode_shared(model, pred.features, chunk) for chunk in pts.split(cfg.points_per_batch)]
+    outs = [decode(model, pred.features, chunk) for chunk in pts.split(cfg.points_per_batch)]
     low = torch.cat([o[0] for o in outs]).flatten(0, 1)
     iou = torch.cat([o[1] for o in outs]).flatten()
     t1 = time.perf_counter()
@@ -106,7 +117,7 @@ def _masks_for(model: Sam, pred: SamPredictor, pts: torch.Tensor, cfg: Everythin
 
 
 def _coarse_to_fine(model: Sam, pred: SamPredictor, pts: torch.Tensor, grid: np.ndarray, cfg: EverythingConfig,
-                    times: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor]:
+                    times: dict[str, float], decode: Decoder) -> tuple[torch.Tensor, torch.Tensor]:
     """The grid in rounds, every 4th point, then every 2nd, then the rest, each round decoding
     only the points that no mask found so far (with predicted IoU >= cover_iou_thresh) covers."""
     n = cfg.points_per_side
@@ -125,21 +136,26 @@ def _coarse_to_fine(model: Sam, pred: SamPredictor, pts: torch.Tensor, grid: np.
             now[idx[sure[:, xy[idx, 1], xy[idx, 0]].any(0).numpy()]] = False
         times["post_s"] += time.perf_counter() - t0
         if now.any():
-            more, more_scores = _masks_for(model, pred, pts[torch.from_numpy(now)], cfg, times)
+            more, more_scores = _masks_for(model, pred, pts[torch.from_numpy(now)], cfg, times, decode)
             masks, scores = torch.cat([masks, more]), torch.cat([scores, more_scores])
     return masks, scores
 
 
 @torch.inference_mode()
-def fast_generate(model: Sam, image: np.ndarray, cfg: EverythingConfig = EverythingConfig()) -> tuple[np.ndarray, dict]:
+def fast_generate(model: Sam, image: np.ndarray, cfg: EverythingConfig = EverythingConfig(),
+                  decode: Decoder | None = None) -> tuple[np.ndarray, dict]:
     """SAM's automatic mask generation for one crop, with the decoder's work cut (section
     "Segment everything"): the predicted-IoU filter runs on the low-resolution masks, so only the
     survivors are upscaled for the stability score, and there is no RLE round trip. With
     `cfg.skip_covered`, coarse to fine (`_coarse_to_fine`): a grid point that a sure mask already
     covers is not decoded. The same thresholds, stability score and box NMS as
-    `SamAutomaticMaskGenerator`."""
+    `SamAutomaticMaskGenerator`. `decode` runs the decoder batches (default: PyTorch's
+    `attention.decode_shared`; `runtime_model` gives an edge runtime's)."""
     from segment_anything.utils.amg import batched_mask_to_box, build_point_grid
     from torchvision.ops import batched_nms
+
+    from .attention import decode_shared
+    decode = decode or decode_shared
 
     pred = SamPredictor(model)
     t0 = time.perf_counter()
@@ -149,9 +165,9 @@ def fast_generate(model: Sam, image: np.ndarray, cfg: EverythingConfig = Everyth
     grid = build_point_grid(cfg.points_per_side) * np.array([[w, h]])
     pts = torch.as_tensor(pred.transform.apply_coords(grid, (h, w)), dtype=torch.float, device=model.device)
     if cfg.skip_covered:
-        masks, scores = _coarse_to_fine(model, pred, pts, grid, cfg, times)
+        masks, scores = _coarse_to_fine(model, pred, pts, grid, cfg, times, decode)
     else:
-        masks, scores = _masks_for(model, pred, pts, cfg, times)
+        masks, scores = _masks_for(model, pred, pts, cfg, times, decode)
     t2 = time.perf_counter()
     kept = batched_nms(batched_mask_to_box(masks).float(), scores, torch.zeros_like(scores), cfg.box_nms_thresh)
     out = masks[kept].cpu().numpy()
@@ -171,16 +187,16 @@ def best_ious(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 def score(model: Sam, seeds: Sequence[int], cfg: EverythingConfig = EverythingConfig(),
-          progress: bool = False) -> dict:
+          progress: bool = False, decode: Decoder | None = None) -> dict:
     """Recall at IoU 0.5 and 0.75 over the objects of the scenes of `seeds`, masks per image, and
     the median time per image in parts (the first image is a warm-up and is not timed)."""
     cfg.check()
     ious, parts, n_masks = [], [], []
     warm = scenes.make_scene(seeds[0])
-    generate(model, warm.image, cfg)
+    generate(model, warm.image, cfg, decode)
     for seed in tqdm(seeds, desc="segment everything", disable=not progress, leave=False):
         s = scenes.make_scene(seed)
-        masks, t = generate(model, s.image, cfg)
+        masks, t = generate(model, s.image, cfg, decode)
         ious.append(best_ious(masks, s.masks))
         parts.append(t)
         n_masks.append(len(masks))
@@ -193,17 +209,17 @@ def score(model: Sam, seeds: Sequence[int], cfg: EverythingConfig = EverythingCo
             "config": asdict(cfg)}
 
 
-def bench_everything(variants: Mapping[str, Sam | tuple[Sam, EverythingConfig]], seeds: Sequence[int],
+def bench_everything(variants: Mapping[str, Sam | tuple], seeds: Sequence[int],
                      cfg: EverythingConfig = EverythingConfig(), weights: str = "trained",
                      progress: bool = False) -> dict:
     """`edgelab bench everything`: `score` for each variant on the same scenes, as a bench record
     (the first variant is the reference; speed-ups against it). A variant is a model (run with
-    `cfg`) or a (model, its own config) pair."""
+    `cfg`), a (model, its own config) pair, or a (model, config, decoder) triple (`runtime_model`)."""
     from .bench import bench_record
     rows, extra = [], {}
     for name, v in variants.items():
-        model, vcfg = v if isinstance(v, tuple) else (v, cfg)
-        r = score(model, seeds, vcfg, progress=progress)
+        model, vcfg, decode = (*v, None)[:3] if isinstance(v, tuple) else (v, cfg, None)
+        r = score(model, seeds, vcfg, progress=progress, decode=decode)
         rows.append({"name": name, **{k: r[k] for k in ("median_s", "encoder_s", "decoder_s", "post_s",
                                                          "recall_50", "recall_75")}})
         extra[name] = {"masks_per_image": r["masks_per_image"], "decoder_batches": r["decoder_batches"],
@@ -213,3 +229,76 @@ def bench_everything(variants: Mapping[str, Sam | tuple[Sam, EverythingConfig]],
     record["everything"] = {"config": asdict(cfg), "images": len(seeds), "objects": r["objects"],
                             "speedup": {row["name"]: base / row["median_s"] for row in rows}, "per_variant": extra}
     return record
+
+
+# =============================================================== on an edge runtime
+
+class GridDecoderForExport(nn.Module):
+    """`attention.decode_shared` as one graph, for a runtime: the image embedding (1, C, h, w)
+    and N single-point prompts (N, 2) in input pixels -> SAM's three low-resolution masks
+    (N, 3, 4h, 4w) and their predicted IoU (N, 3). The points are padded with SAM's "not a
+    point" as `SamPredictor` pads them; the point encoding is segment_anything's SamOnnxModel's."""
+
+    def __init__(self, sam: Sam):
+        super().__init__()
+        from segment_anything.utils.onnx import SamOnnxModel
+        self.onnx = SamOnnxModel(sam, return_single_mask=False)
+        self.sam = sam
+
+    def forward(self, image_embeddings: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from .attention import _predict_masks_per_prompt
+        n = points.shape[0]
+        coords = torch.cat([points[:, None, :], torch.zeros(n, 1, 2)], dim=1)
+        labels = torch.cat([torch.ones(n, 1), -torch.ones(n, 1)], dim=1)
+        pe = self.sam.prompt_encoder
+        h, w = pe.image_embedding_size
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, h, w)
+        return _predict_masks_per_prompt(self.sam.mask_decoder, image_embeddings, pe.get_dense_pe(),
+                                         self.onnx._embed_points(coords, labels), dense)
+
+
+class RuntimeEncoder(nn.Module):
+    """Stands in for a Sam's image encoder and runs an edge runtime's session instead, so that
+    `SamPredictor` (its resizing, normalising and padding) drives the runtime unchanged."""
+
+    def __init__(self, session, img_size: int):
+        super().__init__()
+        self.session, self.img_size = session, img_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run({"image": x.numpy()})[0])
+
+
+def runtime_model(sam: Sam, run_dir: str | Path, runtime: str = "onnxruntime", prefix: str = "tiny",
+                  threads: int | None = None) -> tuple[Sam, Decoder]:
+    """`sam` exported to `run_dir` and loaded on `runtime` ("onnxruntime" or "openvino", FP32):
+    a Sam whose image encoder runs the exported encoder, and a `Decoder` that runs the exported
+    grid decoder, for `fast_generate` (section "Segment everything"). The prompt encoder and mask
+    decoder modules of the returned Sam are `sam`'s own (the filters need only its threshold)."""
+    import copy
+    import warnings
+
+    from . import deploy, edge
+    threads = threads or torch.get_num_threads()
+    enc_path, _ = deploy.export_onnx(sam, run_dir, prefix)
+    dec_path = enc_path.with_name(f"{prefix}_grid_decoder.onnx")
+    model = copy.deepcopy(sam).cpu().eval()
+    emb = torch.zeros(1, *model.prompt_encoder.get_dense_pe().shape[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(GridDecoderForExport(model), (emb, torch.rand(2, 2) * model.image_encoder.img_size),
+                          str(dec_path), input_names=["image_embeddings", "points"],
+                          output_names=["low_res_masks", "iou_predictions"],
+                          dynamic_axes={"points": {0: "prompts"}, "low_res_masks": {0: "prompts"},
+                                        "iou_predictions": {0: "prompts"}},
+                          opset_version=deploy.OPSET, dynamo=False)
+    enc = edge.load_session(str(enc_path), runtime, threads)
+    dec = edge.load_session(str(dec_path), runtime, threads)
+    proxy = Sam(RuntimeEncoder(enc, model.image_encoder.img_size), model.prompt_encoder, model.mask_decoder,
+                model.pixel_mean.flatten().tolist(), model.pixel_std.flatten().tolist()).eval()
+
+    def decode(_model: Sam, embedding: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low, iou = dec.run({"image_embeddings": embedding.numpy(), "points": points.numpy()})
+        return torch.from_numpy(low), torch.from_numpy(iou)
+
+    return proxy, decode

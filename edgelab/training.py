@@ -60,6 +60,9 @@ class TrainConfig:
     hours: float | None = None  # wall-clock budget: the schedule spans it instead of `steps`
     checkpoint_minutes: float = 5.0  # with `hours`: a checkpoint (and validation) this often
     stem: tuple[int, ...] = (32, 64)  # conv stem of the encoder (models.SamConfig.stem)
+    box_noise: float = 0.08  # std of the training boxes' corner noise, as a fraction of the box's side
+    init: str | None = None  # start from these weights (a second phase) instead of random ones
+    scene_offset: int = 0  # training scenes from this seed on (a second phase draws new scenes)
 
 
 def tiny_config(cfg: TrainConfig) -> models.SamConfig:
@@ -118,11 +121,13 @@ def _sample_negative(mask: np.ndarray, rng: np.random.Generator) -> tuple[float,
     return _sample_point(ring, rng) if ring.any() else _sample_point(mask, rng)
 
 
-def _noisy_box(mask: np.ndarray, rng: np.random.Generator, size: int) -> list[float]:
+def _noisy_box(mask: np.ndarray, rng: np.random.Generator, size: int, noise: float = 0.08) -> list[float]:
+    """The mask's box with each corner moved by N(0, noise x side), at most 2 x noise x 100 px."""
     x0, y0, x1, y1 = evaluate.box_prompt(mask)
     w, h = x1 - x0 + 1, y1 - y0 + 1
-    noise = rng.normal(0, 0.08, 4) * np.array([w, h, w, h])
-    box = np.array([x0, y0, x1, y1]) + np.clip(noise, -16, 16)
+    jitter = rng.normal(0, noise, 4) * np.array([w, h, w, h])
+    limit = 200 * noise
+    box = np.array([x0, y0, x1, y1]) + np.clip(jitter, -limit, limit)
     return list(np.clip(box, 0, size - 1))
 
 
@@ -136,7 +141,7 @@ def sample_prompts(masks: np.ndarray, cfg: TrainConfig, rng: np.random.Generator
         pts.append(evaluate.point_prompt(masks[i]) if rng.random() < 0.3 else _sample_point(masks[i], rng))
     out["point"] = (np.array(pts, np.float32)[:, None], np.ones((len(idx), 1), np.int64), idx)
     idx = rng.integers(n, size=cfg.box_prompts)
-    out["box"] = (np.array([_noisy_box(masks[i], rng, size) for i in idx], np.float32), None, idx)
+    out["box"] = (np.array([_noisy_box(masks[i], rng, size, cfg.box_noise) for i in idx], np.float32), None, idx)
     idx = rng.integers(n, size=cfg.multi_prompts)
     coords = [[_sample_point(masks[i], rng), _sample_point(masks[i], rng), _sample_negative(masks[i], rng)] for i in idx]
     out["multi"] = (np.array(coords, np.float32), np.tile(np.array([1, 1, 0]), (len(idx), 1)), idx)
@@ -360,6 +365,8 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
     sam = models.build_sam(tiny_config(cfg)).to(device).train()
     opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, seconds = _resume(run, cfg, sam, opt, device) if resume else (0, 0.0)
+    if cfg.init and not start:  # a second phase: warm-start from earlier weights, new optimizer state
+        sam.load_state_dict(models.read_checkpoint(cfg.init, "tiny"))
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     bf16 = use_bf16(cfg, device)
     budget = cfg.hours * 3600 if cfg.hours else None
@@ -371,7 +378,7 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
     if budget is None:
         bar.reset(total=end)
         bar.update(start)
-    draw = SceneBatches(cfg)
+    draw = SceneBatches(cfg, offset=cfg.scene_offset)
     last_ckpt = time.time()
     step = start
     with open(run / "log.jsonl", "a") as log:

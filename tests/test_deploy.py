@@ -200,3 +200,13 @@ def test_runtime_reading_follows_the_numbers():
     text = deploy.runtime_reading(rows, {"cpu": "X", "avx512_vnni": False})
     assert text.startswith("FP32: OpenVINO runs") and "6.00 ms" in text
     assert "ONNX Runtime INT8 is slower" in text and "OpenVINO INT8 is faster" in text and "without" in text
+
+
+def test_initial_final_with_openvino_times_the_same_encoder():
+    """The poster's table with OpenVINO beside it: random weights, labelled, FP32 equal to PyTorch's."""
+    rows = deploy.initial_final(["tiny"], 128, repeats=1, progress=False, openvino=True)
+    (r,) = rows
+    assert r["weights"] == "random" and r["img_size"] == 128
+    assert r["openvino_fp32_s"] > 0 and r["openvino_int8_s"] > 0
+    assert r["openvino_fp32_rel_err"] < 1e-4  # the same function, another runtime
+    assert r["openvino_int8_rel_err"] < 1  # quantized random weights: nearer than an all-zero output

@@ -41,7 +41,8 @@ def test_bench_everything_json():
         assert {"median_s", "recall_50", "recall_75", "encoder_s", "decoder_s", "post_s"} <= set(v)
     assert [v["name"] for v in rec["variants"]] == ["pytorch fp32", "sdpa attention", "w8a8", "student", "fast decoder",
                                                     "fast decoder, one batch", "fast decoder, coarse to fine",
-                                                    "student, fast, coarse to fine"]
+                                                    "student, fast, coarse to fine", "onnxruntime, fast, coarse to fine",
+                                                    "openvino, fast, coarse to fine"]
     assert rec["everything"]["per_variant"]["fast decoder, coarse to fine"]["config"]["skip_covered"]
 
 
@@ -72,3 +73,32 @@ def test_decode_shared_matches_decode_batched(tiny_trained):
     with torch.inference_mode():
         a, b = attention.decode_batched(tiny_trained, emb, pts), attention.decode_shared(tiny_trained, emb, pts)
     assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_runtime_model_gives_pytorchs_masks(tiny_trained, tmp_path, runtime):
+    """The grid decoder on an edge runtime decodes what attention.decode_shared decodes, and the
+    coarse-to-fine path on it keeps the same masks."""
+    import torch
+    from dataclasses import replace
+    from edgelab import attention, scenes
+    model, decode = E.runtime_model(tiny_trained, tmp_path, runtime)
+    emb = tiny_trained.image_encoder(torch.randn(1, 3, 256, 256))
+    pts = torch.rand(7, 2) * 256
+    with torch.inference_mode():
+        ref, got = attention.decode_shared(tiny_trained, emb, pts), decode(model, emb, pts)
+    assert got[0].shape == ref[0].shape == (7, 3, 64, 64) and got[1].shape == (7, 3)
+    assert torch.allclose(got[0], ref[0], atol=1e-3) and torch.allclose(got[1], ref[1], atol=1e-4)
+    cfg = E.EverythingConfig(points_per_side=8, points_per_batch=16, fast=True, skip_covered=True)
+    image = scenes.make_scene(20_000_001).image
+    ours, _ = E.generate(tiny_trained, image, cfg)
+    theirs, t = E.generate(model, image, cfg, decode)
+    assert len(theirs) == len(ours) and (len(ours) == 0 or E.best_ious(theirs, ours).min() > 0.98)
+    assert t["encoder_s"] > 0 and t["decoder_batches"] >= 1
+
+
+def test_runtime_decoder_needs_the_fast_path(tiny_trained, tmp_path):
+    from edgelab import scenes
+    model, decode = E.runtime_model(tiny_trained, tmp_path, "onnxruntime")
+    with pytest.raises(ValueError, match="fast path"):
+        E.generate(model, scenes.make_scene(1).image, E.EverythingConfig(points_per_side=4), decode)

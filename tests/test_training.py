@@ -156,3 +156,33 @@ def test_learning_curve_drops_what_a_resume_superseded(tmp_path):
     curve = training.learning_curve(tmp_path)
     assert [(c["step"], c["val_point"]) for c in curve] == [(10, 0.1), (20, 0.35)]
     assert curve[0]["hours"] == pytest.approx(0.1)
+
+
+def test_second_phase_starts_from_the_given_weights_on_new_scenes(tmp_path):
+    """--init warm-starts a phase from earlier weights; --scene-offset draws scenes phase one never saw."""
+    cfg = training.TrainConfig(steps=1, batch_images=1, point_prompts=1, box_prompts=1, multi_prompts=1,
+                               eval_scenes=1, lr=1e-9, warmup=0, bf16="off", init=str(models.TINY_WEIGHTS),
+                               scene_offset=1_000_000)
+    final = training.train_tiny(tmp_path, cfg, progress=False)
+    start = torch.load(models.TINY_WEIGHTS, weights_only=True)
+    after = torch.load(final, weights_only=True)
+    assert all(torch.allclose(after[k].float(), start[k].float(), atol=1e-5) for k in start)  # lr 1e-9: barely moved
+    assert training.SceneBatches(cfg, offset=cfg.scene_offset)(0, np.random.default_rng(0))[0].seed == 1_000_000
+
+
+def test_box_noise_sets_how_far_training_boxes_move():
+    mask = np.zeros((256, 256), bool)
+    mask[100:150, 60:200] = True
+    exact = training._noisy_box(mask, np.random.default_rng(0), 256, noise=0.0)
+    assert exact == [60.0, 100.0, 199.0, 149.0]
+    moves = [np.abs(np.subtract(training._noisy_box(mask, np.random.default_rng(i), 256, noise=0.04), exact)).max()
+             for i in range(50)]
+    assert 0 < max(moves) <= 8.0  # at most 200 x noise pixels
+
+
+def test_cli_refuses_a_bad_second_phase(tmp_path):
+    from conftest import run_cli
+    code, _, err = run_cli("train-tiny", "--out", str(tmp_path), "--box-noise", "2")
+    assert code == 2 and "--box-noise" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("train-tiny", "--out", str(tmp_path), "--init", str(tmp_path / "missing.pt"))
+    assert code == 2 and "not found" in err and len(err.strip().splitlines()) == 1
