@@ -295,6 +295,27 @@ def log_records(log: str | Path) -> list[dict]:
     return entries
 
 
+def append_phase(log: str | Path, phase: str | Path, out: str | Path) -> Path:
+    """Write to `out` the training log `log` followed by a second phase's run folder (`phase`,
+    trained with `--init` from the first phase's weights), its steps and training seconds counted
+    on from where `log` ended, so `learning_curve` reads one run from 0 hours (the shipped
+    `data/sam_tiny_log.jsonl` after a second phase). The phase's start line becomes a "phase"
+    event that keeps its configuration."""
+    first = log_records(log)
+    step0, secs0 = (first[-1]["step"], first[-1]["train_s"]) if first else (0, 0.0)
+    lines = Path(log).read_text().splitlines()
+    config = json.loads((Path(phase) / "config.json").read_text())
+    for line in (Path(phase) / "log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "start":
+            rec = {**rec, "event": "phase", "step": step0, "train_s": secs0, "config": config}
+        elif "step" in rec:
+            rec = {**rec, "step": rec["step"] + step0, "train_s": round(rec["train_s"] + secs0, 1)}
+        lines.append(json.dumps(rec))
+    Path(out).write_text("\n".join(lines) + "\n")
+    return Path(out)
+
+
 def learning_curve(log: str | Path) -> list[dict]:
     """The validation points of a training log (see `log_records`): step, training hours,
     val_point, val_box. Notebook 00 plots them."""

@@ -186,3 +186,22 @@ def test_cli_refuses_a_bad_second_phase(tmp_path):
     assert code == 2 and "--box-noise" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("train-tiny", "--out", str(tmp_path), "--init", str(tmp_path / "missing.pt"))
     assert code == 2 and "not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_append_phase_counts_on_from_the_first_log(tmp_path):
+    first = [{"event": "start"}, {"step": 10, "train_s": 3600.0, "val_point": 0.5, "val_box": 0.6}]
+    (tmp_path / "first.jsonl").write_text("\n".join(json.dumps(x) for x in first) + "\n")
+    phase = tmp_path / "phase"
+    phase.mkdir()
+    (phase / "config.json").write_text(json.dumps({"init": "data/sam_tiny.pt", "hours": 1.0}))
+    second = [{"event": "start", "hours": 1.0}, {"step": 5, "train_s": 1800.0, "val_point": 0.55, "val_box": 0.65},
+              {"step": 8, "train_s": 2900.0},  # lost: the run was killed after its checkpoint at 5
+              {"event": "resume", "step": 5, "train_s": 1800.0},
+              {"step": 10, "train_s": 3600.0, "val_point": 0.6, "val_box": 0.7}]
+    (phase / "log.jsonl").write_text("\n".join(json.dumps(x) for x in second) + "\n")
+    out = training.append_phase(tmp_path / "first.jsonl", phase, tmp_path / "joined.jsonl")
+    curve = training.learning_curve(out)
+    assert [(c["step"], c["hours"], c["val_point"]) for c in curve] == [(10, 1.0, 0.5), (15, 1.5, 0.55), (20, 2.0, 0.6)]
+    events = [json.loads(x) for x in out.read_text().splitlines() if "event" in x]
+    assert events[1] == {**events[1], "event": "phase", "step": 10, "train_s": 3600.0}
+    assert events[1]["config"]["init"] == "data/sam_tiny.pt"
