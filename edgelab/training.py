@@ -316,6 +316,16 @@ def append_phase(log: str | Path, phase: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
+def phase_starts(log: str | Path) -> list[dict]:
+    """The later phases of a training log (`append_phase`): step, training hours and the phase's
+    configuration where each began. Notebook 00 marks them on its curves."""
+    path = Path(log)
+    path = path / "log.jsonl" if path.is_dir() else path
+    events = [json.loads(line) for line in path.read_text().splitlines() if '"phase"' in line]
+    return [{"step": e["step"], "hours": e["train_s"] / 3600, "config": e.get("config", {})}
+            for e in events if e.get("event") == "phase"]
+
+
 def learning_curve(log: str | Path) -> list[dict]:
     """The validation points of a training log (see `log_records`): step, training hours,
     val_point, val_box. Notebook 00 plots them."""

@@ -205,3 +205,5 @@ def test_append_phase_counts_on_from_the_first_log(tmp_path):
     events = [json.loads(x) for x in out.read_text().splitlines() if "event" in x]
     assert events[1] == {**events[1], "event": "phase", "step": 10, "train_s": 3600.0}
     assert events[1]["config"]["init"] == "data/sam_tiny.pt"
+    assert training.phase_starts(out) == [{"step": 10, "hours": 1.0, "config": events[1]["config"]}]
+    assert training.phase_starts(tmp_path / "first.jsonl") == []
