@@ -2,7 +2,8 @@
 
 - the core imports no chapter module; a chapter module imports only the core, except `deploy`
   (chapter 05), which stacks chapters 01-04 and `edge`, and `everything` (chapter 05), which
-  decodes with chapter 01's prompt batching; the CLI is the one layer above them all;
+  decodes with chapter 01's prompt batching and runs on its own chapter's export and edge runtimes
+  (`deploy`, `edge`); the CLI is the one layer above them all;
 - `checks` (the exercises' checks) may import chapter modules, to compare an answer with the
   chapter's own implementation; no chapter imports it;
 - no import cycle, counting imports inside functions;
@@ -24,7 +25,9 @@ CHAPTERS = {"attention": "01", "pruning": "02", "quantization": "03", "distillat
 COURSE = {"checks"}  # exercise checks: compare answers with the chapters' own code
 TOP = {"cli"}  # parses arguments and calls every chapter: nothing imports it
 MAY_IMPORT_CHAPTERS = {"deploy": {"attention", "pruning", "quantization", "distillation", "edge"},
-                       "everything": {"attention"}}  # segment everything decodes with chapter 01's prompt batching
+                       # segment everything decodes with chapter 01's prompt batching, and runs on chapter 05's
+                       # own export (deploy) and edge runtimes (edge)
+                       "everything": {"attention", "deploy", "edge"}}
 
 
 def modules() -> list[str]:
