@@ -276,22 +276,18 @@ def runtime_model(sam: Sam, run_dir: str | Path, runtime: str = "onnxruntime", p
     grid decoder, for `fast_generate` (section "Segment everything"). The prompt encoder and mask
     decoder modules of the returned Sam are `sam`'s own (the filters need only its threshold)."""
     import copy
-    import warnings
 
     from . import deploy, edge
     threads = threads or torch.get_num_threads()
-    enc_path, _ = deploy.export_onnx(sam, run_dir, prefix)
-    dec_path = enc_path.with_name(f"{prefix}_grid_decoder.onnx")
     model = copy.deepcopy(sam).cpu().eval()
+    folder = deploy._run_folder(run_dir)
+    enc_path = deploy.export_encoder(model, folder / f"{prefix}_encoder.onnx", prefix)
+    dec_path = folder / f"{prefix}_grid_decoder.onnx"
     emb = torch.zeros(1, *model.prompt_encoder.get_dense_pe().shape[1:])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(GridDecoderForExport(model), (emb, torch.rand(2, 2) * model.image_encoder.img_size),
-                          str(dec_path), input_names=["image_embeddings", "points"],
-                          output_names=["low_res_masks", "iou_predictions"],
-                          dynamic_axes={"points": {0: "prompts"}, "low_res_masks": {0: "prompts"},
-                                        "iou_predictions": {0: "prompts"}},
-                          opset_version=deploy.OPSET, dynamo=False)
+    deploy._export(GridDecoderForExport(model), (emb, torch.rand(2, 2) * model.image_encoder.img_size), dec_path,
+                   ["image_embeddings", "points"], ["low_res_masks", "iou_predictions"],
+                   {"points": {0: "prompts"}, "low_res_masks": {0: "prompts"}, "iou_predictions": {0: "prompts"}},
+                   f"{prefix}'s grid decoder")
     enc = edge.load_session(str(enc_path), runtime, threads)
     dec = edge.load_session(str(dec_path), runtime, threads)
     proxy = Sam(RuntimeEncoder(enc, model.image_encoder.img_size), model.prompt_encoder, model.mask_decoder,
