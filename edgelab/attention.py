@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import image_encoder as sam_encoder
 from torch.nn.attention import SDPBackend
 
-from . import bench, memory, models, profiling, roofline
+from . import bench, cpu_kernel, memory, models, profiling, roofline
 
 SamAttention = sam_encoder.Attention
 _SAM_FORWARD = SamAttention.forward  # SAM's own code, kept to restore "reference"
@@ -262,6 +262,25 @@ def tiled_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
     return _merge_heads(attn, out.reshape(b, heads, n, d), (h, w))
 
 
+def kernel_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
+    """`kernel`: our own CPU kernel (`edgelab.cpu_kernel`), the bias added inside its key loop.
+
+    Like `fused`, no N x N tensor beyond one block of queries; unlike it, no bias tile is written
+    for the kernel to read back, and the kernel's plain path runs instead of its masked one.
+    Compiled on first use (about 30 s); CPU only.
+    """
+    b, h, w, _ = x.shape
+    if x.device.type != "cpu":
+        raise RuntimeError(f"the `kernel` attention variant runs on the CPU only, not {x.device.type}: use `fused`")
+    q, k, v = _split_heads(attn, x)
+    if not attn.use_rel_pos:
+        return _merge_heads(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale), (h, w))
+    with profiling.scope("rel-pos bias"):
+        tables = rel_pos_tables(attn, (h, w))
+    out = cpu_kernel.biased_attention(q, k, v, *tables, attn.scale)  # (B, N, heads, d): heads merged
+    return attn.proj(out.view(b, h, w, -1))
+
+
 _COMPILED: dict[str, Callable] = {}
 
 
@@ -279,6 +298,7 @@ VARIANTS: dict[str, Callable[[SamAttention, torch.Tensor], torch.Tensor]] = {
     "folded": folded_forward,
     "tiled": tiled_forward,
     "compiled": compiled_forward,
+    "kernel": kernel_forward,
 }
 EXACT_VARIANTS = tuple(VARIANTS)  # all compute SAM's function in fp32; only rounding differs
 
@@ -342,6 +362,19 @@ def use_attention(model: torch.nn.Module, name: str) -> Iterator[torch.nn.Module
     finally:
         for m, old in before.items():
             set_attention(m, old)
+
+
+def variants_for(device: str | torch.device = "cpu") -> list[str]:
+    """The exact variants that run on `device`: all of `VARIANTS` on a CPU that builds the kernel;
+    without `kernel` on a GPU or where it cannot be built (printing why, once)."""
+    names = list(VARIANTS)
+    if torch.device(device).type != "cpu":
+        return [n for n in names if n != "kernel"]
+    ok, why = cpu_kernel.available()
+    if not ok:
+        print(f"attention variant `kernel` left out: {why}")
+        return [n for n in names if n != "kernel"]
+    return names
 
 
 def parse_variants(text: str | Sequence[str]) -> list[str]:
@@ -427,7 +460,8 @@ def attention_study(model: torch.nn.Module, variants: Sequence[str], batch: int 
 
     Times are interleaved (`encoder_race`), with the timing-only `no-core` encoder beside them:
     reference / no-core is the ceiling no attention variant can pass in this run. Errors are
-    against the `reference` output on the same input. With `memory_setup` (load_sam's name,
+    against the `reference` output on the same input. `kernel_ceiling` is PyTorch's fused kernel alone
+    on the same attention shapes: how far any core built on it can go. With `memory_setup` (load_sam's name,
     checkpoint, weights, device and img_size, to rebuild the model in a child) peak memory is
     each variant's encoder forward in one fresh process; on a GPU the allocator's peak instead.
     `reference` is always measured, listed or not.
@@ -462,6 +496,8 @@ def attention_study(model: torch.nn.Module, variants: Sequence[str], batch: int 
                            "ceiling_vs_reference": ref_s / t["no-core"]["median_s"],
                            **core_against_the_limit(model, x, {n: t[n]["median_s"] for n in names},
                                                     t["no-core"]["median_s"], gemm_before)}
+    limit = record["attention"]["fp32_gemm_gflops"]
+    record["attention"]["kernel_ceiling"] = kernel_ceiling(model, x, limit, repeats=max(1, min(repeats, 3)), seed=seed)
     return record
 
 
@@ -486,6 +522,60 @@ def core_against_the_limit(model: torch.nn.Module, x: torch.Tensor, times: Mappi
         out["core_of_gemm_rate"][n] = (flops / core / 1e9) / gemm if core > 0 else None
         out["of_ceiling"][n] = (times["reference"] - s) / ref_core if ref_core > 0 else None
     return out
+
+
+def attention_shapes(model: torch.nn.Module, x: torch.Tensor) -> dict[tuple[int, int, int, int], int]:
+    """{(batch, heads, tokens, head width): calls} of one image-encoder forward on `x`, read on
+    fake tensors (shapes only): a windowed block's batch is images x windows."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls: dict[tuple[int, int, int, int], int] = {}
+
+    def note(mod, args):
+        b, h, w, c = args[0].shape
+        key = (int(b), mod.num_heads, int(h * w), int(c) // mod.num_heads)
+        calls[key] = calls.get(key, 0) + 1
+
+    hooks = [m.register_forward_pre_hook(note) for m in attention_modules(model)]
+    try:
+        with use_attention(model, "reference"), FakeTensorMode(allow_non_fake_inputs=True) as fake, \
+                torch.no_grad():
+            model.image_encoder(fake.from_tensor(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def kernel_ceiling(model: torch.nn.Module, x: torch.Tensor, gemm_gflops: float, repeats: int = 3,
+                   seed: int = 0) -> dict:
+    """What PyTorch's own fused CPU kernel reaches on this encoder's attention shapes, as a share of
+    the fp32 GEMM rate (section "Against the machine's limit"): SDPA with no bias at all (the best
+    any variant that calls it could do) and with a float bias shared by the heads, each shape
+    timed alone, then weighted by the calls and FLOPs of one forward. The gap between a variant's
+    core and `no_bias` is what the variant adds; the gap between `no_bias` and 100% is the kernel's."""
+    if gemm_gflops <= 0:
+        raise ValueError(f"gemm_gflops must be positive, not {gemm_gflops}")
+    gen = torch.Generator().manual_seed(seed)
+    dev = x.device
+    shapes, total_flops, total_s = [], 0, {"no_bias": 0.0, "bias": 0.0}
+    for (b, heads, n, d), calls in attention_shapes(model, x).items():
+        q, k, v = (torch.randn(b, heads, n, d, generator=gen).to(dev) for _ in range(3))
+        bias = torch.randn(b, 1, n, n, generator=gen).to(dev)
+        flops = 4 * b * heads * n * n * d  # q k^T and p v, one multiply-add = 2
+        row = {"batch": b, "heads": heads, "tokens": n, "head_dim": d, "calls": calls, "flops": flops}
+        with torch.inference_mode():
+            for name, mask in (("no_bias", None), ("bias", bias)):
+                s = bench.time_callable(lambda m=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
+                                        warmup=1, repeats=repeats).median_s
+                row[name + "_s"] = s
+                row[name] = flops / s / 1e9 / gemm_gflops
+                total_s[name] += calls * s
+        total_flops += calls * flops
+        shapes.append(row)
+        del q, k, v, bias
+    return {"fp32_gemm_gflops": gemm_gflops, "shapes": shapes,
+            **{name: total_flops / s / 1e9 / gemm_gflops for name, s in total_s.items()}}
 
 
 def memory_encoder(name: str, checkpoint: str | None, weights: str | None, device: str,
@@ -697,7 +787,7 @@ def block_qkv(attn: SamAttention, x: torch.Tensor, variant: str):
     return q[:, :hstep, :qstep], k[:, :hstep], v[:, :hstep], mask, attn.scale
 
 
-__all__ = ["VARIANTS", "EXACT_VARIANTS", "FUSED_TILE_MB", "fused_tiles", "query_chunk", "naive_attention",
+__all__ = ["VARIANTS", "EXACT_VARIANTS", "variants_for", "kernel_forward", "attention_shapes", "kernel_ceiling", "FUSED_TILE_MB", "fused_tiles", "query_chunk", "naive_attention",
            "decomposed_rel_pos_bias", "set_attention",
            "use_attention", "attention_of", "attention_modules", "parse_variants", 
            

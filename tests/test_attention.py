@@ -256,6 +256,34 @@ def test_cli_bench_attention_json():
         assert core == pytest.approx(v["median_s"] - a["no_core_s"])
         if core > 0:
             assert a["core_of_gemm_rate"][v["name"]] == pytest.approx(a["core_flops"] / core / 1e9 / a["fp32_gemm_gflops"])
+    # PyTorch's kernel alone on the same shapes, at the same GEMM rate; its FLOPs are the core's
+    kc = a["kernel_ceiling"]
+    assert kc["fp32_gemm_gflops"] == a["fp32_gemm_gflops"]
+    assert sum(r["calls"] * r["flops"] for r in kc["shapes"]) == a["core_flops"]
+    assert kc["no_bias"] > 0 and kc["bias"] > 0
+
+
+def test_attention_shapes_of_vit_b_at_1024():
+    """vit_b at 1024 px: 8 windowed blocks (25 windows of 14 x 14 after padding 64 to 70) and 4 global
+    blocks of 64 x 64 tokens, 12 heads of 64; read on fake tensors, so no arithmetic is done."""
+    model = models.timing_model("vit_b", 1024)
+    shapes = A.attention_shapes(model, torch.zeros(1, 3, 1024, 1024))
+    assert shapes == {(25, 12, 196, 64): 8, (1, 12, 4096, 64): 4}
+    assert not model.image_encoder.blocks[0].attn._forward_pre_hooks  # hooks removed
+
+
+def test_kernel_ceiling_weights_shapes_by_calls_and_flops():
+    model = models.timing_model("tiny", 128)
+    x = torch.randn(1, 3, 128, 128)
+    r = A.kernel_ceiling(model, x, gemm_gflops=100.0, repeats=1)
+    shapes = A.attention_shapes(model, x)
+    assert {(s["batch"], s["heads"], s["tokens"], s["head_dim"]): s["calls"] for s in r["shapes"]} == shapes
+    for name in ("no_bias", "bias"):
+        flops = sum(s["calls"] * s["flops"] for s in r["shapes"])
+        seconds = sum(s["calls"] * s[name + "_s"] for s in r["shapes"])
+        assert r[name] == pytest.approx(flops / seconds / 1e9 / 100.0)
+    with pytest.raises(ValueError, match="gemm_gflops must be positive"):
+        A.kernel_ceiling(model, x, gemm_gflops=0)
 
 
 def test_cli_bad_attention_is_one_line():

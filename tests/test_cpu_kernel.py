@@ -1,0 +1,85 @@
+"""edgelab.cpu_kernel: our CPU kernel for SAM's biased attention equals SAM's own attention.
+
+The first test on a machine compiles the kernel (about 30 s on 2 cores); later ones load it. No
+time is asserted (GUIDE, "Measuring").
+"""
+import pytest
+import torch
+
+from edgelab import attention as A
+from edgelab import cpu_kernel
+
+
+def _block(grid: int, batch: int = 1, dim: int = 64, heads: int = 2, seed: int = 0):
+    blk, x = A.global_block(dim=dim, heads=heads, grid=grid, seed=seed)
+    with torch.no_grad():  # SAM zero-initialises the tables: random ones make the bias count
+        g = torch.Generator().manual_seed(seed + 1)
+        blk.rel_pos_h.copy_(torch.randn(blk.rel_pos_h.shape, generator=g) * 0.5)
+        blk.rel_pos_w.copy_(torch.randn(blk.rel_pos_w.shape, generator=g) * 0.5)
+    if batch > 1:
+        x = torch.randn(batch, *x.shape[1:], generator=torch.Generator().manual_seed(seed + 2))
+    return blk, x
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    ok, why = cpu_kernel.available()
+    assert ok, why  # a C++ compiler is part of the workbook's set-up (torch.compile needs one too)
+
+
+@pytest.mark.parametrize("grid,block,kv_block", [
+    (16, None, 512),   # one block of keys (tiny's global blocks)
+    (24, 64, 100),     # keys by whole grid rows (100 -> 96 = 4 rows of 24), a short last block of queries
+    (8, 20, 24),       # short rows (windows): the gather path, key blocks that cut grid rows
+    (7, 49, 49),       # one window of 7 x 7
+])
+def test_kernel_equals_sam_attention(grid, block, kv_block):
+    blk, x = _block(grid, batch=2)
+    with torch.inference_mode():
+        ref = A.reference_forward(blk, x)
+        q, k, v = A._split_heads(blk, x)  # strided views of the qkv output: read in place
+        out = cpu_kernel.biased_attention(q, k, v, *A.rel_pos_tables(blk, (grid, grid)), blk.scale,
+                                          block=block, kv_block=kv_block)
+        mine = blk.proj(out.view(2, grid, grid, -1))
+    assert out.shape == (2, grid * grid, blk.num_heads, q.shape[-1])
+    assert torch.allclose(mine, ref, rtol=1e-4, atol=1e-5), (mine - ref).abs().max()
+
+
+def test_kernel_variant_in_an_encoder_and_contiguous_inputs():
+    blk, x = _block(12)
+    with torch.inference_mode():
+        ref = A.reference_forward(blk, x)
+        assert torch.allclose(A.kernel_forward(blk, x), ref, rtol=1e-4, atol=1e-5)
+        q, k, v = (t.contiguous() for t in A._split_heads(blk, x))
+        out = cpu_kernel.biased_attention(q, k, v, *A.rel_pos_tables(blk, (12, 12)), blk.scale)
+        assert torch.allclose(blk.proj(out.view(1, 12, 12, -1)), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_bad_input_is_one_clear_error():
+    blk, x = _block(8)
+    q, k, v = A._split_heads(blk, x)
+    rh, rw = A.rel_pos_tables(blk, (8, 8))
+    with pytest.raises(ValueError, match="do not cover 64 tokens"):
+        cpu_kernel.biased_attention(q, k, v, rh[:4], rw, blk.scale)
+    with pytest.raises(ValueError, match="must be 1 or more"):
+        cpu_kernel.biased_attention(q, k, v, rh, rw, blk.scale, block=0)
+    with pytest.raises(ValueError, match=r"\(batch, heads, N, d\)"):
+        cpu_kernel.biased_attention(q[0], k[0], v[0], rh, rw, blk.scale)
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        cpu_kernel.biased_attention(q.double(), k.double(), v.double(), rh.double(), rw.double(), blk.scale)
+
+
+def test_variants_for_leaves_the_kernel_out_off_the_cpu():
+    assert "kernel" in A.variants_for("cpu")
+    assert A.variants_for("cuda") == [v for v in A.VARIANTS if v != "kernel"]
+
+
+def test_unbuildable_kernel_is_one_line(monkeypatch):
+    """No compiler: one line that says what to install, no build log."""
+    monkeypatch.setenv("CXX", "no-such-compiler-edgelab")
+    cpu_kernel.load.cache_clear()
+    try:
+        ok, why = cpu_kernel.available()
+    finally:
+        cpu_kernel.load.cache_clear()
+    assert not ok and "no C++ compiler (no-such-compiler-edgelab)" in why and "\n" not in why
