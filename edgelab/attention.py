@@ -267,11 +267,14 @@ def kernel_forward(attn: SamAttention, x: torch.Tensor) -> torch.Tensor:
 
     Like `fused`, no N x N tensor beyond one block of queries; unlike it, no bias tile is written
     for the kernel to read back, and the kernel's plain path runs instead of its masked one.
-    Compiled on first use (about 30 s); CPU only.
+    Compiled on first use (about 30 s); CPU only, fp32 only: in BF16 (autocast, or BF16 weights)
+    it hands the block to `fused`, whose SDPA kernel takes BF16.
     """
     b, h, w, _ = x.shape
     if x.device.type != "cpu":
         raise RuntimeError(f"the `kernel` attention variant runs on the CPU only, not {x.device.type}: use `fused`")
+    if x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return fused_forward(attn, x)
     q, k, v = _split_heads(attn, x)
     if not attn.use_rel_pos:
         return _merge_heads(attn, F.scaled_dot_product_attention(q, k, v, scale=attn.scale), (h, w))

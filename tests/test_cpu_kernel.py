@@ -55,6 +55,17 @@ def test_kernel_variant_in_an_encoder_and_contiguous_inputs():
         assert torch.allclose(blk.proj(out.view(1, 12, 12, -1)), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_kernel_variant_hands_bf16_to_fused():
+    """BF16 (autocast or BF16 weights) is not the kernel's: the variant runs `fused` for it."""
+    blk, x = _block(8)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(A.kernel_forward(blk, x), A.fused_forward(blk, x))
+        half = blk.to(torch.bfloat16)
+        out = A.kernel_forward(half, x.to(torch.bfloat16))
+        assert out.dtype == torch.bfloat16 and torch.equal(out, A.fused_forward(half, x.to(torch.bfloat16)))
+
+
 def test_kernel_bad_input_is_one_clear_error():
     blk, x = _block(8)
     q, k, v = A._split_heads(blk, x)
