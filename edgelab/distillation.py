@@ -205,6 +205,27 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "hu
     raise ValueError(f"unknown loss {kind!r}; choose from {', '.join(LOSSES)}")
 
 
+def prompt_loss(sam: Sam, student_emb: torch.Tensor, teacher_emb: torch.Tensor, points: int,
+                gen: torch.Generator) -> torch.Tensor:
+    """Prompt-in-the-loop distillation (EdgeSAM's idea; section "Beyond the embedding"): for
+    `points` random one-point prompts per image, SAM's frozen decoder draws its three masks from
+    the student's embedding and from the teacher's; the loss is the binary cross-entropy of the
+    student's mask logits against the teacher's mask probabilities. Gradients reach the student
+    through the decoder, whose weights stay as they are."""
+    size = sam.image_encoder.img_size
+    pe = sam.prompt_encoder.get_dense_pe()
+    losses = []
+    for i in range(student_emb.shape[0]):
+        pts = torch.rand(points, 1, 2, generator=gen).to(student_emb.device) * size
+        labels = torch.ones(points, 1, dtype=torch.int, device=student_emb.device)
+        with torch.no_grad():
+            sparse, dense = sam.prompt_encoder(points=(pts, labels), boxes=None, masks=None)
+            target, _ = sam.mask_decoder(teacher_emb[i:i + 1], pe, sparse, dense, multimask_output=True)
+        logits, _ = sam.mask_decoder(student_emb[i:i + 1], pe, sparse, dense, multimask_output=True)
+        losses.append(F.binary_cross_entropy_with_logits(logits, torch.sigmoid(target)))
+    return torch.stack(losses).mean()
+
+
 # ---------------------------------------------------------------- training
 
 @dataclass
@@ -226,6 +247,8 @@ class DistillConfig:
     checkpoint_every: int = 100
     threads: int = 0  # 0: torch's default
     init: str = ""  # a saved student to start from (a warm start) instead of random weights
+    prompt_weight: float = 0.0  # > 0: add prompt_loss, this many times, to the embedding loss
+    prompt_points: int = 8  # random point prompts per image for prompt_loss
 
     def check(self) -> None:
         """Raise ValueError for a parameter out of range."""
@@ -235,6 +258,8 @@ class DistillConfig:
             raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
         if self.steps < 1 or self.batch_images < 1 or self.pool_scenes < self.batch_images:
             raise ValueError("steps and batch_images must be 1 or more, pool_scenes at least batch_images")
+        if self.prompt_weight < 0 or self.prompt_points < 1:
+            raise ValueError("prompt_weight must be 0 or more and prompt_points 1 or more")
         if not (self.lr > 0 and self.delta > 0):
             raise ValueError("lr and delta must be positive")
 
@@ -341,6 +366,7 @@ def train_student(teacher: Sam, run_dir: str | Path, cfg: DistillConfig = Distil
     if cfg.init:
         sam = warm_start(sam, teacher, cfg.init)
     student = sam.image_encoder.train()
+    prompts = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, ckpt = 0, run / "checkpoint.pt"
     if resume and ckpt.is_file():
@@ -368,7 +394,10 @@ def train_student(teacher: Sam, run_dir: str | Path, cfg: DistillConfig = Distil
         idx = perm[pos:pos + cfg.batch_images]
         perm, pos = _advance(perm, pos, cfg.batch_images, len(pool), order)
         x, target = pool.batch(idx, teacher)
-        loss = embedding_loss(model(x), target, cfg.loss, cfg.delta)
+        emb = model(x)
+        loss = embedding_loss(emb, target, cfg.loss, cfg.delta)
+        if cfg.prompt_weight > 0:
+            loss = loss + cfg.prompt_weight * prompt_loss(sam, emb, target.float(), cfg.prompt_points, prompts)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
@@ -516,6 +545,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-scenes", type=int, default=DistillConfig.eval_scenes)
     p.add_argument("--init", default="", help="start from this saved student's weights (a warm start)")
+    p.add_argument("--prompt-weight", type=float, default=DistillConfig.prompt_weight,
+                   help="add the prompt-in-the-loop loss (decoder masks vs the teacher's) with this weight")
+    p.add_argument("--prompt-points", type=int, default=DistillConfig.prompt_points,
+                   help="random point prompts per image for that loss")
     p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -533,7 +566,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     cfg = DistillConfig(student=args.student, steps=pick(args.steps, "steps"),
                         pool_scenes=pick(args.pool_scenes, "pool_scenes"), batch_images=args.batch_images,
                         lr=args.lr, loss=args.loss, seed=args.seed, eval_scenes=args.eval_scenes,
-                        init=args.init)
+                        init=args.init, prompt_weight=args.prompt_weight, prompt_points=args.prompt_points)
     cfg.check()
     return cfg
 

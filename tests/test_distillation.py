@@ -158,8 +158,32 @@ def test_cli_bench_distill_reports_teacher_and_students(trained):
     assert rec["variants"][0]["agreement"] == 1.0
 
 
+def test_prompt_loss_reaches_the_student_through_the_frozen_decoder(teacher, small_pool):
+    """Prompt-in-the-loop: the teacher's own embedding scores lowest; a perturbed one gets a
+    gradient; the decoder's weights get none."""
+    sam = D.make_student(teacher, "resnet18")
+    _, target = small_pool.batch(torch.arange(2), teacher)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731  the same prompts for each call
+    student = (target + 0.3 * torch.randn(target.shape, generator=torch.Generator().manual_seed(1))).requires_grad_()
+    exact = D.prompt_loss(sam, target.clone(), target, 4, gen())
+    off = D.prompt_loss(sam, student, target, 4, gen())
+    off.backward()
+    assert off > exact and student.grad is not None and student.grad.abs().sum() > 0
+    assert all(p.grad is None for p in sam.mask_decoder.parameters())
+
+
+def test_training_with_the_prompt_loss_runs_and_logs(teacher, small_pool, tmp_path):
+    cfg = D.DistillConfig(student="resnet18", steps=3, batch_images=2, pool_scenes=16, eval_scenes=1,
+                          prompt_weight=1.0, prompt_points=2)
+    D.train_student(teacher, tmp_path, cfg, pool=small_pool, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert json.loads((tmp_path / "config.json").read_text())["prompt_weight"] == 1.0
+
+
 @pytest.mark.parametrize("args, message", [
     (["distill", "--steps", "0"], "steps"),
+    (["distill", "--prompt-weight", "-1"], "prompt_weight"),
     (["bench", "distill", "--student", "/no/such/student.pt"], "not found"),
 ])
 def test_cli_distill_bad_input_is_one_line(args, message):
