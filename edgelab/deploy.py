@@ -426,7 +426,7 @@ def bench_deploy(run_dir: str | Path, cfg: StackConfig = StackConfig(), n_eval: 
     tiny = models.load_sam("tiny")
     variants = all_variants(tiny, run_dir, cfg, progress)
     rows = measure(variants, n_eval, repeats, run_dir if memory else None, cfg, progress)
-    rows = with_roofline(rows, variants, roofline.machine_rates(repeats=3))
+    rows = with_roofline(rows, variants, roofline.machine_rates())
     best = best_deployable(rows)
     ref = rows[0]
     keep = ("name", "median_s", "iqr_s", "size_mb", "peak_mem_mb", "miou", "agreement", "roofline_s", "of_limit")
