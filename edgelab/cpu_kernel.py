@@ -1,5 +1,5 @@
 """A CPU kernel of our own for SAM's attention with its relative-position bias (notebook 01,
-"A kernel of our own").
+section "Attention variants").
 
 PyTorch's fused CPU attention (`F.scaled_dot_product_attention`) takes SAM's decomposed bias only as
 a full float mask: the `fused` variant builds it tile by tile, and the kernel's masked path is slower

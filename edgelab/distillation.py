@@ -207,7 +207,7 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "hu
 
 def prompt_loss(sam: Sam, student_emb: torch.Tensor, teacher_emb: torch.Tensor, points: int,
                 gen: torch.Generator) -> torch.Tensor:
-    """Prompt-in-the-loop distillation (EdgeSAM's idea; section "Beyond the embedding"): for
+    """Prompt-in-the-loop distillation (EdgeSAM's idea; section "Training the students"): for
     `points` random one-point prompts per image, SAM's frozen decoder draws its three masks from
     the student's embedding and from the teacher's; the loss is the binary cross-entropy of the
     student's mask logits against the teacher's mask probabilities. Gradients reach the student

@@ -1,5 +1,5 @@
 // edgelab's CPU kernel for SAM's attention with its decomposed relative-position bias (notebook 01,
-// "A kernel of our own"; loaded by edgelab/cpu_kernel.py):
+// section "Attention variants"; loaded by edgelab/cpu_kernel.py):
 //   out = softmax(q k^T * scale + B) v,   B[i, (a, j)] = rel_h[i, a] + rel_w[i, j]
 // for keys laid out row-major on an (a, j) grid. One task is one head and a block of queries:
 //   0. rel_h, rel_w of the head          small sgemms on SAM's tables (bias_factors), once per head
