@@ -369,7 +369,8 @@ def use_attention(model: torch.nn.Module, name: str) -> Iterator[torch.nn.Module
 
 def variants_for(device: str | torch.device = "cpu") -> list[str]:
     """The exact variants that run on `device`: all of `VARIANTS` on a CPU that builds the kernel;
-    without `kernel` on a GPU or where it cannot be built (printing why, once)."""
+    without `kernel` on a GPU or where it cannot be built (printing why; a build that failed is
+    tried again on the next call)."""
     names = list(VARIANTS)
     if torch.device(device).type != "cpu":
         return [n for n in names if n != "kernel"]
