@@ -18,10 +18,11 @@ function without changing a weight, and can be swapped on a loaded model (`set_a
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import types
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -477,9 +478,9 @@ def attention_study(model: torch.nn.Module, variants: Sequence[str], batch: int 
     size = model.image_encoder.img_size
     dev = next(model.parameters()).device
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(dev)
-    gemm_before = roofline.gemm_rate("fp32")["rate"]  # the limit, read before and after the race
+    gemm, read_gemm = gemm_reader()  # the limit, read before each round of the race
     # "no-core" runs interleaved too: the ceiling of this run (its error is meaningless, not reported)
-    t = encoder_race(model, x, [*names, "no-core"], repeats=repeats)
+    t = encoder_race(model, x, [*names, "no-core"], repeats=repeats, before_round=read_gemm)
     mem = {}
     if memory_setup is not None and x.is_cuda:
         mem = {n: bench.cuda_peak_memory_mb(lambda n=n: set_attention(model, n).image_encoder(x), x.device)
@@ -491,40 +492,65 @@ def attention_study(model: torch.nn.Module, variants: Sequence[str], batch: int 
                                         {n: {"variant": n} for n in names},
                                         "edgelab.attention:memory_encoder", setup, timeout=3600)
     params = models.count_params(model.image_encoder)
-    rows = [{"batch": batch, "image_size": size, "params": params, **t[n],
+    rows = [{"batch": batch, "image_size": size, "params": params, **{k: v for k, v in t[n].items() if k != "times_s"},
              **({"peak_mem_mb": mem[n]} if n in mem else {})} for n in names]
     record = bench.bench_record("reference", kind, rows)
     ref_s = t["reference"]["median_s"]
     record["attention"] = {"speedup_vs_reference": {n: ref_s / t[n]["median_s"] for n in names},
-                           "no_core_s": t["no-core"]["median_s"],
+                           "no_core_s": t["no-core"]["median_s"], "times_s": {n: t[n]["times_s"] for n in [*names, "no-core"]},
                            "ceiling_vs_reference": ref_s / t["no-core"]["median_s"],
-                           **core_against_the_limit(model, x, {n: t[n]["median_s"] for n in names},
-                                                    t["no-core"]["median_s"], gemm_before)}
+                           **core_against_the_limit(model, x, {n: t[n]["times_s"] for n in names},
+                                                    t["no-core"]["times_s"], gemm)}
     limit = record["attention"]["fp32_gemm_gflops"]
     record["attention"]["kernel_ceiling"] = kernel_ceiling(model, x, limit, repeats=max(1, min(repeats, 3)), seed=seed)
     return record
 
 
-def core_against_the_limit(model: torch.nn.Module, x: torch.Tensor, times: Mapping[str, float],
-                           no_core_s: float, gemm_before: float = 0.0) -> dict:
-    """Each variant's attention core (its encoder time minus the no-core encoder's) against the
-    machine: the core's matmul FLOPs (torch.utils.flop_counter, SAM's own attention) at the fp32
-    GEMM rate, and the share of the Amdahl ceiling reached (section "Attention variants"). The
-    rate is measured now and compared with `gemm_before` (read before the race): the higher is
-    the limit, since a shared machine only ever reads slower than it can run (after minutes of
-    full load this one once read half its rate, which put a core "above" the limit). A core too
-    small to measure (at or under the no-core time) gets None."""
+def gemm_reader() -> tuple[list[float], Callable[[], None]]:
+    """A list and a `before_round` hook that appends this machine's fp32 GEMM rate to it (GFLOP/s,
+    the fastest of ten 1024^3 matmuls): the limit read once per round of a race, next to the
+    encoders it judges (section "Against the machine's limit")."""
+    reads: list[float] = []
+    return reads, lambda: reads.append(roofline.gemm_rate("fp32")["rate"])
+
+
+def paired_core(times_s: Sequence[float], no_core_s: Sequence[float], gemm: Sequence[float],
+                flops: float) -> dict[str, float | None]:
+    """A variant's attention core from one race, round by round (section "Against the machine's limit").
+
+    In round r the GEMM rate was read, then every encoder ran back to back, so core[r] = times_s[r]
+    - no_core_s[r] and its share flops / core[r] / gemm[r] each compare things measured within
+    seconds of each other; the medians over rounds are reported. (A difference of two medians, each
+    over minutes of a shared machine, once moved the share of one kernel from 65% to 120%.) A round
+    whose core is at or under zero (too small to measure) counts as None.
+    """
+    if not (len(times_s) == len(no_core_s) == len(gemm)) or not times_s:
+        raise ValueError(f"one time, no-core time and GEMM rate per round: got {len(times_s)}, "
+                         f"{len(no_core_s)} and {len(gemm)}")
+    cores = [t - n for t, n in zip(times_s, no_core_s)]
+    rounds = [flops / c / 1e9 / g if c > 0 else None for c, g in zip(cores, gemm)]
+    return {"core_s": statistics.median(cores),
+            "core_of_gemm_rate": None if None in rounds else statistics.median(rounds), "rounds": rounds}
+
+
+def core_against_the_limit(model: torch.nn.Module, x: torch.Tensor, times: Mapping[str, Sequence[float]],
+                           no_core_s: Sequence[float], gemm: Sequence[float]) -> dict:
+    """Each variant's attention core (its encoder time minus the no-core encoder's, paired round by
+    round: `paired_core`) against the machine: the core's matmul FLOPs (torch.utils.flop_counter,
+    SAM's own attention) at the fp32 GEMM rate read in the same round, and the share of the Amdahl
+    ceiling reached (section "Attention variants"). `times`: each variant's per-round times from
+    one `encoder_race` with `gemm_reader`'s hook; `gemm`: the rates it read."""
     with use_attention(model, "reference"):
         flops = profiling.flop_categories(model.image_encoder, x)["attention matmuls"]
-    gemm = max(roofline.gemm_rate("fp32")["rate"], gemm_before)
-    ref_core = times["reference"] - no_core_s
-    out = {"core_flops": flops, "fp32_gemm_gflops": gemm, "core_s": {}, "core_of_gemm_rate": {},
-           "of_ceiling": {}}
-    for n, s in times.items():
-        core = s - no_core_s
-        out["core_s"][n] = core
-        out["core_of_gemm_rate"][n] = (flops / core / 1e9) / gemm if core > 0 else None
-        out["of_ceiling"][n] = (times["reference"] - s) / ref_core if ref_core > 0 else None
+    out = {"core_flops": flops, "fp32_gemm_gflops": statistics.median(gemm), "gemm_reads": list(gemm),
+           "core_s": {}, "core_of_gemm_rate": {}, "core_share_rounds": {}, "of_ceiling": {}}
+    for n, t in times.items():
+        p = paired_core(t, no_core_s, gemm, flops)
+        out["core_s"][n], out["core_of_gemm_rate"][n] = p["core_s"], p["core_of_gemm_rate"]
+        out["core_share_rounds"][n] = p["rounds"]
+    ref_core = out["core_s"].get("reference", 0.0)
+    for n, core in out["core_s"].items():
+        out["of_ceiling"][n] = (ref_core - core) / ref_core if ref_core > 0 else None
     return out
 
 
@@ -557,21 +583,29 @@ def kernel_ceiling(model: torch.nn.Module, x: torch.Tensor, gemm_gflops: float, 
     the fp32 GEMM rate (section "Against the machine's limit"): SDPA with no bias at all (the best
     any variant that calls it could do) and with a float bias shared by the heads, each shape
     timed alone, then weighted by the calls and FLOPs of one forward. The gap between a variant's
-    core and `no_bias` is what the variant adds; the gap between `no_bias` and 100% is the kernel's."""
+    core and `no_bias` is what the variant adds; the gap between `no_bias` and 100% is the kernel's.
+    On a CPU that builds it, `kernel` is our kernel alone on the same shapes with SAM's bias (random
+    tables): the core measured directly, beside the encoder difference of `paired_core`."""
     if gemm_gflops <= 0:
         raise ValueError(f"gemm_gflops must be positive, not {gemm_gflops}")
     gen = torch.Generator().manual_seed(seed)
     dev = x.device
-    shapes, total_flops, total_s = [], 0, {"no_bias": 0.0, "bias": 0.0}
+    ours = dev.type == "cpu" and cpu_kernel.available()[0]
+    names = ["no_bias", "bias", *(["kernel"] if ours else [])]
+    shapes, total_flops, total_s = [], 0, dict.fromkeys(names, 0.0)
     for (b, heads, n, d), calls in attention_shapes(model, x).items():
         q, k, v = (torch.randn(b, heads, n, d, generator=gen).to(dev) for _ in range(3))
         bias = torch.randn(b, 1, n, n, generator=gen).to(dev)
+        g = math.isqrt(n)  # SAM's grids are square
+        tables = [torch.randn(g, g, d, generator=gen) * 0.1 for _ in range(2)]
         flops = 4 * b * heads * n * n * d  # q k^T and p v, one multiply-add = 2
         row = {"batch": b, "heads": heads, "tokens": n, "head_dim": d, "calls": calls, "flops": flops}
+        fns = {"no_bias": lambda: F.scaled_dot_product_attention(q, k, v),
+               "bias": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+               "kernel": lambda: cpu_kernel.biased_attention(q, k, v, *tables, d ** -0.5)}
         with torch.inference_mode():
-            for name, mask in (("no_bias", None), ("bias", bias)):
-                s = bench.time_callable(lambda m=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
-                                        warmup=1, repeats=repeats).median_s
+            for name in names:
+                s = bench.time_callable(fns[name], warmup=1, repeats=repeats).median_s
                 row[name + "_s"] = s
                 row[name] = flops / s / 1e9 / gemm_gflops
                 total_s[name] += calls * s
@@ -625,9 +659,11 @@ def block_race(variants: Sequence[str], grid: int, dim: int = 768, heads: int = 
 
 
 def encoder_race(model: torch.nn.Module, x: torch.Tensor, names: Sequence[str], repeats: int = 5,
-                 warmup: int = 1, reference: str = "reference") -> dict[str, dict[str, float]]:
+                 warmup: int = 1, reference: str = "reference",
+                 before_round: Callable[[], Any] | None = None) -> dict[str, dict[str, Any]]:
     """The image encoder with each attention variant on `x`, interleaved (`bench.race`):
-    {name: median_s, iqr_s, max_abs_err, rel_err against `reference`} (section "Attention variants")."""
+    {name: median_s, iqr_s, times_s per round, max_abs_err, rel_err against `reference`} (section
+    "Attention variants"). `before_round` runs untimed before each round (`gemm_reader`)."""
     def run(name):
         def fn():
             with use_attention(model, name):
@@ -635,7 +671,8 @@ def encoder_race(model: torch.nn.Module, x: torch.Tensor, names: Sequence[str], 
         return fn
 
     with torch.inference_mode():
-        rows = bench.race({n: run(n) for n in names}, reference, warmup=warmup, repeats=repeats)
+        rows = bench.race({n: run(n) for n in names}, reference, warmup=warmup, repeats=repeats,
+                          before_round=before_round)
     return {r["name"]: r for r in rows}
 
 
@@ -791,7 +828,7 @@ def block_qkv(attn: SamAttention, x: torch.Tensor, variant: str):
     return q[:, :hstep, :qstep], k[:, :hstep], v[:, :hstep], mask, attn.scale
 
 
-__all__ = ["VARIANTS", "EXACT_VARIANTS", "variants_for", "kernel_forward", "attention_shapes", "kernel_ceiling", "FUSED_TILE_MB", "fused_tiles", "query_chunk", "naive_attention",
+__all__ = ["VARIANTS", "EXACT_VARIANTS", "variants_for", "kernel_forward", "gemm_reader", "paired_core", "attention_shapes", "kernel_ceiling", "FUSED_TILE_MB", "fused_tiles", "query_chunk", "naive_attention",
            "decomposed_rel_pos_bias", "set_attention",
            "use_attention", "attention_of", "attention_modules", "parse_variants", 
            

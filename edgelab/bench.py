@@ -28,7 +28,7 @@ WEIGHT_KINDS = ("trained", "random", "checkpoint")  # the same three kinds as mo
 VARIANT_KEYS = ("name", "label", "batch", "image_size", "median_s", "iqr_s", "peak_mem_mb",
                 "params", "macs", "size_mb", "miou", "agreement", "max_abs_err", "rel_err",
                 "rate", "unit", "roofline_s", "of_limit", "encoder_s", "decoder_s", "post_s",
-                "recall_50", "recall_75")
+                "recall_50", "recall_75", "mask_ap")
 _CPU_FLAGS = {  # key in machine_info -> /proc/cpuinfo flags, any of which counts
     "avx2": ("avx2",),
     "avx512f": ("avx512f",),
@@ -151,7 +151,8 @@ def _sync() -> None:
 
 
 def compare(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1,
-            repeats: int = 5, number: int = 1) -> dict[str, Timing]:
+            repeats: int = 5, number: int = 1,
+            before_round: Callable[[], Any] | None = None) -> dict[str, Timing]:
     """Time several variants interleaved (A B C A B C ...) so machine drift hits all alike.
 
     Arguments:
@@ -161,6 +162,8 @@ def compare(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1,
         number: consecutive calls per timed block, the time being their mean. 1 times each call
             right after the other variants' (cold caches); more times a stream of calls, as a
             deployed model runs frame after frame (warm caches, the steady state).
+        before_round: called, untimed, before each timed round (e.g. to read the machine's
+            GEMM rate in step with the variants: `attention.core_against_the_limit`).
     Returns:
         variant name -> Timing (median and IQR of its `repeats` times).
     """
@@ -170,6 +173,8 @@ def compare(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1,
     _sync()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(max(1, repeats)):
+        if before_round is not None:
+            before_round()
         for name, fn in fns.items():
             start = time.perf_counter()
             for _ in range(max(1, number)):
@@ -189,14 +194,16 @@ def _flat(out: Any) -> torch.Tensor:
 
 
 def race(fns: Mapping[str, Callable[[], Any]], reference: str | None = None, *, warmup: int = 1,
-         repeats: int = 5, number: int = 1) -> list[dict[str, Any]]:
+         repeats: int = 5, number: int = 1,
+         before_round: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
     """Race named variants on one input: interleaved timing (`compare`) plus each one's error.
 
     The idiom of every chapter's table (notebook 01, "Attention variants", teaches it): each
     callable computes its variant's output from the same input; the last output of each is
     kept and compared with `reference`'s (default: the first variant).
     Returns:
-        one row per variant, in order: name, median_s, iqr_s, max_abs_err, rel_err.
+        one row per variant, in order: name, median_s, iqr_s, times_s (one per round, in
+        order: round r of every variant ran back to back), max_abs_err, rel_err.
     """
     reference = next(iter(fns)) if reference is None else reference
     if reference not in fns:
@@ -206,10 +213,11 @@ def race(fns: Mapping[str, Callable[[], Any]], reference: str | None = None, *, 
     def keep(name: str, fn: Callable[[], Any]) -> Callable[[], None]:
         return lambda: outs.__setitem__(name, fn())
 
-    t = compare({n: keep(n, fn) for n, fn in fns.items()}, warmup=warmup, repeats=repeats, number=number)
+    t = compare({n: keep(n, fn) for n, fn in fns.items()}, warmup=warmup, repeats=repeats, number=number,
+                before_round=before_round)
     ref = _flat(outs[reference])
-    return [{"name": n, "median_s": t[n].median_s, "iqr_s": t[n].iqr_s, **output_error(_flat(outs[n]), ref)}
-            for n in fns]
+    return [{"name": n, "median_s": t[n].median_s, "iqr_s": t[n].iqr_s, "times_s": t[n].times_s,
+             **output_error(_flat(outs[n]), ref)} for n in fns]
 
 
 def encoder_decoder(model: torch.nn.Module, batch: int = 1, prompts: int = 1, repeats: int = 5) -> dict[str, Any]:

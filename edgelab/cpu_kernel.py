@@ -4,8 +4,9 @@ section "Attention variants").
 PyTorch's fused CPU attention (`F.scaled_dot_product_attention`) takes SAM's decomposed bias only as
 a full float mask: the `fused` variant builds it tile by tile, and the kernel's masked path is slower
 than its plain one. `csrc/biased_attention.cpp` adds the two bias factors inside the kernel instead:
-per head and block of 64 queries, one sgemm for the scores, one pass over them (bias, max, exp, sum)
-while they sit in the cache, one sgemm for the weighted values. It is compiled on first use by
+per head and block of 128 queries and 512 keys, one sgemm for the scores, one pass over them (bias,
+max, exp, sum) while they sit in the cache, one sgemm for the weighted values, with FlashAttention's
+online softmax across the key blocks. It is compiled on first use by
 `torch.utils.cpp_extension` (a C++ compiler and ninja; about 30 s on 2 cores), for this CPU
 (`-march=native`), and cached by PyTorch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
 """

@@ -6,7 +6,8 @@ predicted IoU and stability pass its thresholds, and removes duplicates with box
 time per image is split into the image encoder, the decoder batches and the rest (filtering,
 NMS, mask encoding), and its masks are scored against the scenes' exact instance masks: the
 recall of ground-truth objects at IoU 0.5 and 0.75 (an object counts when some generated mask
-covers it that well). The fast path also runs on an edge runtime (`runtime_model`): the image
+covers it that well) and COCO mask AP (pycocotools), which also charges the masks that match
+nothing. The fast path also runs on an edge runtime (`runtime_model`): the image
 encoder and a grid decoder graph (`GridDecoderForExport`) on ONNX Runtime or OpenVINO, the
 filters and NMS unchanged.
 """
@@ -74,9 +75,10 @@ def _timed(obj: object, method: str, seconds: list[float]) -> Iterator[None]:
 
 
 def generate(model: Sam, image: np.ndarray, cfg: EverythingConfig = EverythingConfig(),
-             decode: Decoder | None = None) -> tuple[np.ndarray, dict]:
-    """Every mask the generator keeps for `image` ((M, H, W) bool) and its time in parts (seconds).
-    A `decode` other than PyTorch's (an edge runtime's, `runtime_model`) needs the fast path."""
+             decode: Decoder | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Every mask the generator keeps for `image` ((M, H, W) bool), each one's score (SAM's predicted
+    IoU, (M,)) and the time in parts (seconds). A `decode` other than PyTorch's (an edge runtime's,
+    `runtime_model`) needs the fast path."""
     if cfg.fast:
         return fast_generate(model, image, cfg, decode)
     if decode is not None:
@@ -92,7 +94,8 @@ def generate(model: Sam, image: np.ndarray, cfg: EverythingConfig = EverythingCo
         found = gen.generate(image)
     total = time.perf_counter() - t0
     masks = np.stack([m["segmentation"] for m in found]) if found else np.zeros((0, *image.shape[:2]), bool)
-    return masks, {"total_s": total, "encoder_s": sum(enc), "decoder_s": sum(dec),
+    scores = np.array([m["predicted_iou"] for m in found], dtype=np.float32)
+    return masks, scores, {"total_s": total, "encoder_s": sum(enc), "decoder_s": sum(dec),
                    "post_s": total - sum(enc) - sum(dec), "decoder_batches": len(dec)}
 
 
@@ -143,7 +146,7 @@ def _coarse_to_fine(model: Sam, pred: SamPredictor, pts: torch.Tensor, grid: np.
 
 @torch.inference_mode()
 def fast_generate(model: Sam, image: np.ndarray, cfg: EverythingConfig = EverythingConfig(),
-                  decode: Decoder | None = None) -> tuple[np.ndarray, dict]:
+                  decode: Decoder | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """SAM's automatic mask generation for one crop, with the decoder's work cut (section
     "Segment everything"): the predicted-IoU filter runs on the low-resolution masks, so only the
     survivors are upscaled for the stability score, and there is no RLE round trip. With
@@ -172,7 +175,7 @@ def fast_generate(model: Sam, image: np.ndarray, cfg: EverythingConfig = Everyth
     kept = batched_nms(batched_mask_to_box(masks).float(), scores, torch.zeros_like(scores), cfg.box_nms_thresh)
     out = masks[kept].cpu().numpy()
     times["post_s"] += time.perf_counter() - t2
-    return out, {"total_s": time.perf_counter() - t0, **times}
+    return out, scores[kept].cpu().numpy(), {"total_s": time.perf_counter() - t0, **times}
 
 
 def best_ious(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -186,18 +189,60 @@ def best_ious(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return (inter / union.clamp(min=1)).max(dim=1).values.numpy()
 
 
+def mask_ap(images: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """COCO mask AP of generated masks against the scenes' instance masks, by pycocotools' COCOeval
+    (iouType "segm", one class, up to 100 masks per image, ranked by their scores): AP averaged over
+    IoU 0.5:0.95, AP at 0.5 and at 0.75. `images`: (masks (M, H, W), scores (M,), truth (K, H, W)).
+    Where recall asks whether each object was found, AP also charges the extra masks (section
+    "Segment everything")."""
+    import contextlib
+    import io
+
+    from pycocotools import mask as rle
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def encode(m: np.ndarray) -> dict:
+        return rle.encode(np.asfortranarray(m.astype(np.uint8)))
+
+    gt: dict = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "object"}]}
+    found = []
+    for i, (masks, scores, truth) in enumerate(images):
+        gt["images"].append({"id": i, "height": truth.shape[1], "width": truth.shape[2]})
+        for m in truth:
+            r = encode(m)
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i, "category_id": 1,
+                                      "segmentation": r, "area": float(m.sum()), "bbox": rle.toBbox(r).tolist(),
+                                      "iscrowd": 0})
+        found += [{"image_id": i, "category_id": 1, "segmentation": encode(m), "score": float(s)}
+                  for m, s in zip(masks, scores)]
+    if not found:
+        return {"mask_ap": 0.0, "mask_ap50": 0.0, "mask_ap75": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its progress and table
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(found), "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"mask_ap": float(ev.stats[0]), "mask_ap50": float(ev.stats[1]), "mask_ap75": float(ev.stats[2])}
+
+
 def score(model: Sam, seeds: Sequence[int], cfg: EverythingConfig = EverythingConfig(),
           progress: bool = False, decode: Decoder | None = None) -> dict:
-    """Recall at IoU 0.5 and 0.75 over the objects of the scenes of `seeds`, masks per image, and
-    the median time per image in parts (the first image is a warm-up and is not timed)."""
+    """Recall at IoU 0.5 and 0.75 over the objects of the scenes of `seeds`, COCO mask AP
+    (`mask_ap`), masks per image, and the median time per image in parts (the first image is a
+    warm-up and is not timed)."""
     cfg.check()
-    ious, parts, n_masks = [], [], []
+    ious, parts, n_masks, found = [], [], [], []
     warm = scenes.make_scene(seeds[0])
     generate(model, warm.image, cfg, decode)
     for seed in tqdm(seeds, desc="segment everything", disable=not progress, leave=False):
         s = scenes.make_scene(seed)
-        masks, t = generate(model, s.image, cfg, decode)
+        masks, scores, t = generate(model, s.image, cfg, decode)
         ious.append(best_ious(masks, s.masks))
+        found.append((masks, scores, s.masks))
         parts.append(t)
         n_masks.append(len(masks))
     allv = np.concatenate(ious)
@@ -205,8 +250,8 @@ def score(model: Sam, seeds: Sequence[int], cfg: EverythingConfig = EverythingCo
     return {"median_s": med["total_s"], "encoder_s": med["encoder_s"], "decoder_s": med["decoder_s"],
             "post_s": med["post_s"], "decoder_batches": int(med["decoder_batches"]),
             "recall_50": float((allv >= 0.5).mean()), "recall_75": float((allv >= 0.75).mean()),
-            "masks_per_image": float(np.mean(n_masks)), "objects": int(len(allv)), "images": len(seeds),
-            "config": asdict(cfg)}
+            **mask_ap(found), "masks_per_image": float(np.mean(n_masks)), "objects": int(len(allv)),
+            "images": len(seeds), "config": asdict(cfg)}
 
 
 def bench_everything(variants: Mapping[str, Sam | tuple], seeds: Sequence[int],
@@ -221,8 +266,9 @@ def bench_everything(variants: Mapping[str, Sam | tuple], seeds: Sequence[int],
         model, vcfg, decode = (*v, None)[:3] if isinstance(v, tuple) else (v, cfg, None)
         r = score(model, seeds, vcfg, progress=progress, decode=decode)
         rows.append({"name": name, **{k: r[k] for k in ("median_s", "encoder_s", "decoder_s", "post_s",
-                                                         "recall_50", "recall_75")}})
+                                                         "recall_50", "recall_75", "mask_ap")}})
         extra[name] = {"masks_per_image": r["masks_per_image"], "decoder_batches": r["decoder_batches"],
+                       "mask_ap50": r["mask_ap50"], "mask_ap75": r["mask_ap75"],
                        "config": r["config"]}
     record = bench_record(rows[0]["name"], weights, rows)
     base = rows[0]["median_s"]

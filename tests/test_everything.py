@@ -17,12 +17,31 @@ def test_best_ious_takes_each_objects_best_mask():
     assert E.best_ious(pred[:0], truth).tolist() == [0.0, 0.0]
 
 
+def test_mask_ap_by_pycocotools():
+    truth = np.zeros((2, 32, 32), bool)
+    truth[0, :16], truth[1, 16:, :16] = True, True
+    perfect = E.mask_ap([(truth, np.array([0.9, 0.8]), truth)])
+    assert perfect == {"mask_ap": pytest.approx(1.0), "mask_ap50": pytest.approx(1.0), "mask_ap75": pytest.approx(1.0)}
+    # the second object only half covered (IoU 0.5): found at 0.5, missed at 0.75 and above
+    half = truth.copy()
+    half[1, 16:, 8:16] = False
+    r = E.mask_ap([(half, np.array([0.9, 0.8]), truth)])
+    assert r["mask_ap50"] == pytest.approx(1.0) and r["mask_ap75"] == pytest.approx(0.5, abs=0.01)
+    assert 0.5 < r["mask_ap"] < 1.0
+    # a spurious mask ranked first costs precision; recall would not see it
+    junk = np.zeros((1, 32, 32), bool)
+    junk[0, 30:, 30:] = True
+    r = E.mask_ap([(np.concatenate([junk, truth]), np.array([0.99, 0.9, 0.8]), truth)])
+    assert r["mask_ap50"] < 1.0
+    assert E.mask_ap([(truth[:0], np.zeros(0), truth)]) == {"mask_ap": 0.0, "mask_ap50": 0.0, "mask_ap75": 0.0}
+
+
 def test_score_splits_the_time_and_counts_recall(tiny_random):
     cfg = E.EverythingConfig(points_per_side=4, points_per_batch=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
     r = E.score(tiny_random, [3], cfg)
     assert r["decoder_batches"] == 2 and r["images"] == 1 and r["objects"] > 0
     assert r["median_s"] == pytest.approx(r["encoder_s"] + r["decoder_s"] + r["post_s"])
-    assert 0 <= r["recall_75"] <= r["recall_50"] <= 1
+    assert 0 <= r["recall_75"] <= r["recall_50"] <= 1 and 0 <= r["mask_ap"] <= r["mask_ap50"] <= 1
 
 
 def test_config_is_checked():
@@ -38,7 +57,7 @@ def test_bench_everything_json():
     rec = json.loads(out)
     assert rec["reference"] == "pytorch fp32" and rec["weights"] == "trained"
     for v in rec["variants"]:
-        assert {"median_s", "recall_50", "recall_75", "encoder_s", "decoder_s", "post_s"} <= set(v)
+        assert {"median_s", "recall_50", "recall_75", "mask_ap", "encoder_s", "decoder_s", "post_s"} <= set(v)
     assert [v["name"] for v in rec["variants"]] == ["pytorch fp32", "sdpa attention", "w8a8", "student", "fast decoder",
                                                     "fast decoder, one batch", "fast decoder, coarse to fine",
                                                     "student, fast, coarse to fine", "onnxruntime, fast, coarse to fine",
@@ -57,11 +76,11 @@ def test_fast_path_keeps_the_generators_masks(tiny_trained):
     from edgelab import scenes
     cfg = E.EverythingConfig(points_per_side=8, points_per_batch=16)
     image = scenes.make_scene(20_000_000).image
-    slow, t_slow = E.generate(tiny_trained, image, cfg)
-    fast, t_fast = E.generate(tiny_trained, image, replace(cfg, fast=True))
+    slow, _, t_slow = E.generate(tiny_trained, image, cfg)
+    fast, _, t_fast = E.generate(tiny_trained, image, replace(cfg, fast=True))
     assert t_fast["decoder_batches"] == t_slow["decoder_batches"] == 4
     assert len(fast) == len(slow) and E.best_ious(fast, slow).min() > 0.99
-    c2f, t = E.generate(tiny_trained, image, replace(cfg, fast=True, skip_covered=True))
+    c2f, _, t = E.generate(tiny_trained, image, replace(cfg, fast=True, skip_covered=True))
     assert 3 <= t["decoder_batches"] <= 5 and len(c2f) <= len(slow)  # three rounds, the last in up to 3 batches
 
 
@@ -91,8 +110,8 @@ def test_runtime_model_gives_pytorchs_masks(tiny_trained, tmp_path, runtime):
     assert torch.allclose(got[0], ref[0], atol=1e-3) and torch.allclose(got[1], ref[1], atol=1e-4)
     cfg = E.EverythingConfig(points_per_side=8, points_per_batch=16, fast=True, skip_covered=True)
     image = scenes.make_scene(20_000_001).image
-    ours, _ = E.generate(tiny_trained, image, cfg)
-    theirs, t = E.generate(model, image, cfg, decode)
+    ours, _, _ = E.generate(tiny_trained, image, cfg)
+    theirs, _, t = E.generate(model, image, cfg, decode)
     assert len(theirs) == len(ours) and (len(ours) == 0 or E.best_ious(theirs, ours).min() > 0.98)
     assert t["encoder_s"] > 0 and t["decoder_batches"] >= 1
 

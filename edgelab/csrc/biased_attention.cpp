@@ -2,7 +2,8 @@
 // section "Attention variants"; loaded by edgelab/cpu_kernel.py):
 //   out = softmax(q k^T * scale + B) v,   B[i, (a, j)] = rel_h[i, a] + rel_w[i, j]
 // for keys laid out row-major on an (a, j) grid. One task is one head and a block of queries:
-//   0. rel_h, rel_w of the head          small sgemms on SAM's tables (bias_factors), once per head
+//   0. rel_h, rel_w of the head          small sgemms on SAM's tables (bias_factors; for windows
+//                                      16-lane accumulators, bias_factors_small), once per head
 //   1. S = scale * q_block k_block^T   one sgemm (the BLAS PyTorch links)
 //   2. S += B, row max, exp, row sum   one pass over S while it sits in the core's cache
 //   3. out_block += S v                one sgemm
@@ -101,6 +102,48 @@ static void bias_factors(const float* qh, int ldq, int gh, int gw, int d, const 
            rel_w + (int64_t)j * ldr, &ldr_col);
 }
 
+// The same for windows (tables of at most 16 positions), where 2 x grid-side sgemms of 14 x 14 x d
+// cost more in calls than in arithmetic: the tables transposed and zero-padded to (d, 16), so each
+// query's rel_h (or rel_w) is one 16-lane accumulator, G queries of a grid row at a time (2G
+// independent chains of FMAs). rhtT: (gh, d, 16); rwtT: (gw, d, 16).
+template <int G>
+static void small_factors(const float* qh, int ldq, int r, int j0, int gw, int d, const float* rhtT, int hk,
+                          const float* rwtT, int wk, float* rel, int ldr) {
+  float ah[G][16] = {}, aw[G][16] = {};
+  const float* th = rhtT + (int64_t)r * d * 16;
+  for (int c = 0; c < d; ++c)
+    for (int u = 0; u < G; ++u) {
+      const float x = qh[(int64_t)(r * gw + j0 + u) * ldq + c];
+      const float* tw = rwtT + ((int64_t)(j0 + u) * d + c) * 16;
+#pragma omp simd
+      for (int a = 0; a < 16; ++a) {
+        ah[u][a] += x * th[c * 16 + a];
+        aw[u][a] += x * tw[a];
+      }
+    }
+  for (int u = 0; u < G; ++u) {
+    float* out = rel + (int64_t)(r * gw + j0 + u) * ldr;
+    for (int a = 0; a < hk; ++a) out[a] = ah[u][a];
+    for (int a = 0; a < wk; ++a) out[hk + a] = aw[u][a];
+  }
+}
+
+static void bias_factors_small(const float* qh, int ldq, int gh, int gw, int d, const float* rhtT, int hk,
+                               const float* rwtT, int wk, float* rel, int ldr) {
+  for (int r = 0; r < gh; ++r) {
+    int j = 0;
+    for (; j + 4 <= gw; j += 4) small_factors<4>(qh, ldq, r, j, gw, d, rhtT, hk, rwtT, wk, rel, ldr);
+    for (; j < gw; ++j) small_factors<1>(qh, ldq, r, j, gw, d, rhtT, hk, rwtT, wk, rel, ldr);
+  }
+}
+
+// A table (g, k, d) as (g, d, 16), zero-padded: the layout bias_factors_small reads.
+static torch::Tensor padded_transpose(const torch::Tensor& table) {
+  auto t = torch::zeros({table.size(0), table.size(2), 16}, table.options());
+  t.narrow(2, 0, table.size(1)).copy_(table.transpose(1, 2));
+  return t;
+}
+
 // q, k, v: (B, heads, N, d), any strides with d contiguous (a view of SAM's qkv output needs no copy);
 // rh_table (H, H, d), rw_table (W, W, d) from SAM's get_rel_pos, N = H * W. Returns (B, N, heads, d):
 // the heads already merged, ready for the output projection.
@@ -129,11 +172,19 @@ torch::Tensor biased_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   float* O = out.data_ptr<float>();
   const float alpha = (float)scale;
   const int ldq = (int)q.stride(2), ldk = (int)k.stride(2), ldv = (int)v.stride(2), ldo = (int)(heads * d);
+  const bool small = kh <= 16 && kw <= 16;  // windows: per-query accumulators instead of tiny sgemms
+  torch::Tensor rhtT, rwtT;
+  if (small) { rhtT = padded_transpose(rh_table); rwtT = padded_transpose(rw_table); }
+  const float* RHTT = small ? rhtT.data_ptr<float>() : nullptr;
+  const float* RWTT = small ? rwtT.data_ptr<float>() : nullptr;
   at::parallel_for(0, nb * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const float* qh = Q + (bh / heads) * q.stride(0) + (bh % heads) * q.stride(1);
       float* rel = REL + bh * n * (kh + kw);
-      bias_factors(qh, ldq, gh, gw, (int)d, RHT, kh, RWT, kw, rel, rel + kh, kh + kw);
+      if (small)
+        bias_factors_small(qh, ldq, gh, gw, (int)d, RHTT, kh, RWTT, kw, rel, kh + kw);
+      else
+        bias_factors(qh, ldq, gh, gw, (int)d, RHT, kh, RWT, kw, rel, rel + kh, kh + kw);
     }
   });
   std::vector<int32_t> ih(n), iw(n);
