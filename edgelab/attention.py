@@ -5,7 +5,7 @@ Taught in notebook 01 (attention profiling). Its sections, and the functions her
   - "Attention by hand" (exercises):       `naive_attention`, `decomposed_rel_pos_bias` (checks in `edgelab.checks`);
   - "Attention variants":                  `VARIANTS`, `set_attention`, `use_attention` (`bench.output_error`);
   - "Scaling with tokens":                 `global_block`, `block_peak_memory_mb`;
-  - "BF16 on this CPU":                    `bf16_support`, `bf16_verdict` (`bench.gemm_gflops`, `models.BF16Encoder`);
+  - "BF16 on this CPU":                    `bf16_support`, `bf16_verdict` (`roofline.gemm_rate`, `models.BF16Encoder`);
   - "Prompt batching in the decoder":      `decode_loop`, `decode_batched`, `decode_ragged`;
   - "On a GPU":                            `sdpa_backend`.
 
@@ -672,7 +672,7 @@ def encoder_race(model: torch.nn.Module, x: torch.Tensor, names: Sequence[str], 
 
     with torch.inference_mode():
         rows = bench.race({n: run(n) for n in names}, reference, warmup=warmup, repeats=repeats,
-                          before_round=before_round)
+                          before_round=before_round, per_round=True)
     return {r["name"]: r for r in rows}
 
 
@@ -683,7 +683,7 @@ def bf16_support() -> dict[str, object]:
 
     avx512_bf16 (dot products of BF16 pairs into fp32) and AMX (tile matrix units) are the CPU
     flags; `onednn_bf16` is whether PyTorch's oneDNN build thinks BF16 kernels are worth using.
-    Whether BF16 is *faster* is a separate question: `gemm_gflops` measures it.
+    Whether BF16 is *faster* is a separate question: `roofline.gemm_rate` measures it.
     """
     info = bench.machine_info()
     mkldnn_bf16 = None
@@ -700,7 +700,7 @@ def bf16_verdict(support: Mapping[str, object], gemm_ratio: float, encoder_ratio
 
     Arguments:
         support: `bf16_support()`.
-        gemm_ratio: BF16 GEMM throughput over fp32 (`gemm_gflops`), > 1 means BF16 is faster.
+        gemm_ratio: BF16 GEMM throughput over fp32 (`roofline.gemm_rate`), > 1 means BF16 is faster.
         encoder_ratio: fp32 encoder time over the BF16 encoder's, > 1 means BF16 is faster.
         rel_err: the BF16 encoder's relative output error against fp32.
     Returns:

@@ -194,16 +194,17 @@ def _flat(out: Any) -> torch.Tensor:
 
 
 def race(fns: Mapping[str, Callable[[], Any]], reference: str | None = None, *, warmup: int = 1,
-         repeats: int = 5, number: int = 1,
-         before_round: Callable[[], Any] | None = None) -> list[dict[str, Any]]:
+         repeats: int = 5, number: int = 1, before_round: Callable[[], Any] | None = None,
+         per_round: bool = False) -> list[dict[str, Any]]:
     """Race named variants on one input: interleaved timing (`compare`) plus each one's error.
 
     The idiom of every chapter's table (notebook 01, "Attention variants", teaches it): each
     callable computes its variant's output from the same input; the last output of each is
     kept and compared with `reference`'s (default: the first variant).
     Returns:
-        one row per variant, in order: name, median_s, iqr_s, times_s (one per round, in
-        order: round r of every variant ran back to back), max_abs_err, rel_err.
+        one row per variant, in order: name, median_s, iqr_s, max_abs_err, rel_err; with
+        `per_round`, also times_s (one per round, in order: round r of every variant ran back to
+        back; `before_round` runs before each round, as in `compare`).
     """
     reference = next(iter(fns)) if reference is None else reference
     if reference not in fns:
@@ -216,8 +217,8 @@ def race(fns: Mapping[str, Callable[[], Any]], reference: str | None = None, *, 
     t = compare({n: keep(n, fn) for n, fn in fns.items()}, warmup=warmup, repeats=repeats, number=number,
                 before_round=before_round)
     ref = _flat(outs[reference])
-    return [{"name": n, "median_s": t[n].median_s, "iqr_s": t[n].iqr_s, "times_s": t[n].times_s,
-             **output_error(_flat(outs[n]), ref)} for n in fns]
+    return [{"name": n, "median_s": t[n].median_s, "iqr_s": t[n].iqr_s,
+             **({"times_s": t[n].times_s} if per_round else {}), **output_error(_flat(outs[n]), ref)} for n in fns]
 
 
 def encoder_decoder(model: torch.nn.Module, batch: int = 1, prompts: int = 1, repeats: int = 5) -> dict[str, Any]:
@@ -377,9 +378,3 @@ def size_mb(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> flo
     return buf.tell() / 2**20
 
 
-def gemm_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
-    """Throughput of an n x n x n matmul in `dtype` (GFLOP/s, median of `repeats`); notebook 01,
-    "BF16 on this CPU"."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    t = time_callable(lambda: a @ b, warmup=2, repeats=repeats)
-    return 2 * n**3 / t.median_s / 1e9
