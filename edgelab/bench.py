@@ -163,7 +163,7 @@ def compare(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1,
             right after the other variants' (cold caches); more times a stream of calls, as a
             deployed model runs frame after frame (warm caches, the steady state).
         before_round: called, untimed, before each timed round (e.g. to read the machine's
-            GEMM rate in step with the variants: `attention.core_against_the_limit`).
+            GEMM rate in step with the variants: `attention.gemm_reader`).
     Returns:
         variant name -> Timing (median and IQR of its `repeats` times).
     """
