@@ -3,12 +3,17 @@ section "Attention variants").
 
 PyTorch's fused CPU attention (`F.scaled_dot_product_attention`) takes SAM's decomposed bias only as
 a full float mask: the `fused` variant builds it tile by tile, and the kernel's masked path is slower
-than its plain one. `csrc/biased_attention.cpp` adds the two bias factors inside the kernel instead:
-per head and block of 128 queries and 512 keys, one sgemm for the scores, one pass over them (bias,
-max, exp, sum) while they sit in the cache, one sgemm for the weighted values, with FlashAttention's
-online softmax across the key blocks. It is compiled on first use by
-`torch.utils.cpp_extension` (a C++ compiler and ninja; about 30 s on 2 cores), for this CPU
-(`-march=native`), and cached by PyTorch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
+than its plain one. `csrc/biased_attention.cpp` adds the two bias factors inside the kernel instead,
+with FlashAttention's online softmax across blocks of keys. Two paths, one result:
+  - AVX-512 (head dims that are multiples of 16): a register micro-kernel. Six queries at a time,
+    the scores of a tile of 32 keys live in 12 vector registers while the 64 multiply-adds run, get
+    their bias, and go to a strip buffer that never leaves L1; exp (base 2), sums, and then the six
+    output rows, held in 24 registers, gather P v. The keys are packed once per head; no BLAS call.
+  - elsewhere (AVX2-only CPUs, other head dims): per block of queries and keys, one sgemm for the
+    scores, one pass over them (bias, max, exp, sum) while they sit in L2, one sgemm for P v.
+It is compiled on first use by `torch.utils.cpp_extension` (a C++ compiler and ninja; about 30 s on
+2 cores), for this CPU (`-march=native`, which picks the path), and cached by PyTorch
+(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
 """
 from __future__ import annotations
 
@@ -21,8 +26,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "biased_attention.cpp"
-BLOCK = 128  # queries per task
-KV_BLOCK = 512  # keys per online-softmax step: 128 x 512 x 4 bytes = 256 KB of scores, in a core's L2
+BLOCK = 96  # queries per task: whole strips of 3, 4, 6 or 8 queries (the micro-kernel's)
+KV_BLOCK = 512  # keys per online-softmax step (BLAS path: 96 x 512 x 4 bytes = 192 KB of scores, in L2)
 
 
 class KernelUnavailable(RuntimeError):

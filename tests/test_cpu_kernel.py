@@ -27,14 +27,17 @@ def built():
     assert ok, why  # a C++ compiler is part of the workbook's set-up (torch.compile needs one too)
 
 
-@pytest.mark.parametrize("grid,block,kv_block", [
-    (16, None, 512),   # one block of keys (tiny's global blocks)
-    (24, 64, 100),     # keys by whole grid rows (100 -> 96 = 4 rows of 24), a short last block of queries
-    (8, 20, 24),       # short rows (windows): the gather path, key blocks that cut grid rows
-    (7, 49, 49),       # one window of 7 x 7
+@pytest.mark.parametrize("grid,block,kv_block,dim", [
+    (16, None, 512, 64),   # one block of keys (tiny's global blocks); one task per head
+    (24, 64, 100, 64),     # 24-wide rows: gathered bias (AVX-512) or keys by whole rows (BLAS)
+    (8, 20, 24, 64),       # short rows (windows) and key blocks that cut grid rows
+    (7, 49, 49, 64),       # one window of 7 x 7
+    (32, None, 256, 64),   # 32-key tiles inside one grid row (vit_b's global blocks), 128-query blocks
+    (16, None, 512, 96),   # head dim 48 (not a multiple of 16): the BLAS path on every CPU
+    (14, None, 512, 160),  # head dim 80 (vit_h's): 5 vectors per output row
 ])
-def test_kernel_equals_sam_attention(grid, block, kv_block):
-    blk, x = _block(grid, batch=2)
+def test_kernel_equals_sam_attention(grid, block, kv_block, dim):
+    blk, x = _block(grid, batch=2, dim=dim)
     with torch.inference_mode():
         ref = A.reference_forward(blk, x)
         q, k, v = A._split_heads(blk, x)  # strided views of the qkv output: read in place
