@@ -41,7 +41,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import bench, evaluate, models, scenes
+from . import bench, evaluate, models, scenes, training
 
 LOSSES = ("huber", "mse", "l1")
 DATA_DIR = models.DATA_DIR
@@ -226,6 +226,21 @@ def prompt_loss(sam: Sam, student_emb: torch.Tensor, teacher_emb: torch.Tensor, 
     return torch.stack(losses).mean()
 
 
+# The prompts of task_loss: tiny's own mix per image (section "Training the students"), one
+# two-points-and-a-negative prompt instead of two.
+TASK_PROMPTS = training.TrainConfig(point_prompts=4, box_prompts=2, multi_prompts=1)
+
+
+def task_loss(sam: Sam, student_emb: torch.Tensor, seeds: list[int], rng: np.random.Generator) -> torch.Tensor:
+    """Fine-tuning on the task itself (section "Training the students"): the scenes of `seeds`
+    are drawn again for their exact instance masks, prompted as tiny was trained, and the frozen
+    decoder's masks from the student's embedding are scored with SAM's loss against them
+    (`training.scene_loss`). Unlike the embedding and prompt losses, the target is the ground
+    truth, not the teacher: the student can learn what the teacher gets wrong."""
+    batch = [scenes.make_scene(s, size=sam.image_encoder.img_size) for s in seeds]
+    return training.scene_loss(sam, student_emb, batch, TASK_PROMPTS, rng)["loss_tensor"]
+
+
 # ---------------------------------------------------------------- training
 
 @dataclass
@@ -249,6 +264,7 @@ class DistillConfig:
     init: str = ""  # a saved student to start from (a warm start) instead of random weights
     prompt_weight: float = 0.0  # > 0: add prompt_loss, this many times, to the embedding loss
     prompt_points: int = 8  # random point prompts per image for prompt_loss
+    task_weight: float = 0.0  # > 0: add task_loss (the scenes' exact masks), this many times
 
     def check(self) -> None:
         """Raise ValueError for a parameter out of range."""
@@ -260,6 +276,8 @@ class DistillConfig:
             raise ValueError("steps and batch_images must be 1 or more, pool_scenes at least batch_images")
         if self.prompt_weight < 0 or self.prompt_points < 1:
             raise ValueError("prompt_weight must be 0 or more and prompt_points 1 or more")
+        if self.task_weight < 0:
+            raise ValueError(f"task_weight must be 0 or more, not {self.task_weight}")
         if not (self.lr > 0 and self.delta > 0):
             raise ValueError("lr and delta must be positive")
 
@@ -367,6 +385,7 @@ def train_student(teacher: Sam, run_dir: str | Path, cfg: DistillConfig = Distil
         sam = warm_start(sam, teacher, cfg.init)
     student = sam.image_encoder.train()
     prompts = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7)
+    task_rng = np.random.default_rng(cfg.seed * 1000 + rank + 11)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, ckpt = 0, run / "checkpoint.pt"
     if resume and ckpt.is_file():
@@ -398,6 +417,8 @@ def train_student(teacher: Sam, run_dir: str | Path, cfg: DistillConfig = Distil
         loss = embedding_loss(emb, target, cfg.loss, cfg.delta)
         if cfg.prompt_weight > 0:
             loss = loss + cfg.prompt_weight * prompt_loss(sam, emb, target.float(), cfg.prompt_points, prompts)
+        if cfg.task_weight > 0:
+            loss = loss + cfg.task_weight * task_loss(sam, emb, [pool.seeds[i] for i in idx.tolist()], task_rng)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
@@ -411,7 +432,8 @@ def train_student(teacher: Sam, run_dir: str | Path, cfg: DistillConfig = Distil
         last = step + 1 == cfg.steps
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
             student.eval()
-            rec["miou_point"] = evaluate.evaluate_scenes(sam, cfg.eval_scenes, "point", progress=False).miou
+            rec["miou_point"] = evaluate.evaluate_scenes(sam, cfg.eval_scenes, "point", progress=False,
+                                                         split="val").miou
             student.train()
         log.write(json.dumps(rec) + "\n")
         log.flush()
@@ -549,6 +571,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="add the prompt-in-the-loop loss (decoder masks vs the teacher's) with this weight")
     p.add_argument("--prompt-points", type=int, default=DistillConfig.prompt_points,
                    help="random point prompts per image for that loss")
+    p.add_argument("--task-weight", type=float, default=DistillConfig.task_weight,
+                   help="add the task loss (decoder masks vs the scenes' exact masks) with this weight")
     p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -566,7 +590,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     cfg = DistillConfig(student=args.student, steps=pick(args.steps, "steps"),
                         pool_scenes=pick(args.pool_scenes, "pool_scenes"), batch_images=args.batch_images,
                         lr=args.lr, loss=args.loss, seed=args.seed, eval_scenes=args.eval_scenes,
-                        init=args.init, prompt_weight=args.prompt_weight, prompt_points=args.prompt_points)
+                        init=args.init, prompt_weight=args.prompt_weight, prompt_points=args.prompt_points,
+                        task_weight=args.task_weight)
     cfg.check()
     return cfg
 

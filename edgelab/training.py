@@ -196,6 +196,15 @@ def train_step(sam: Sam, batch: list[scenes.Scene], cfg: TrainConfig, rng: np.ra
     dev = sam.device
     imgs = torch.stack([torch.from_numpy(s.image.copy()) for s in batch]).permute(0, 3, 1, 2).float().to(dev)
     emb = sam.image_encoder((imgs - sam.pixel_mean) / sam.pixel_std)
+    return scene_loss(sam, emb, batch, cfg, rng)
+
+
+def scene_loss(sam: Sam, emb: torch.Tensor, batch: list[scenes.Scene], cfg: TrainConfig,
+               rng: np.random.Generator) -> dict:
+    """SAM's loss on the exact masks of `batch`, given the image embeddings `emb` of its scenes:
+    prompts drawn by `sample_prompts`, decoded by `decode`, scored by `_prompt_loss` per kind.
+    Also the task loss of a student's fine-tuning (`distillation.task_loss`)."""
+    dev = sam.device
     groups: dict[str, list] = {"point": [], "box": [], "multi": []}
     for b, s in enumerate(batch):
         for kind, (coords, labels, idx) in sample_prompts(s.masks, cfg, rng).items():

@@ -181,9 +181,35 @@ def test_training_with_the_prompt_loss_runs_and_logs(teacher, small_pool, tmp_pa
     assert json.loads((tmp_path / "config.json").read_text())["prompt_weight"] == 1.0
 
 
+def test_task_loss_scores_the_exact_masks_through_the_frozen_decoder(teacher, small_pool):
+    """The task loss: the teacher's embedding (a trained encoder) scores far lower than noise; the
+    gradient reaches the embedding, the decoder's weights get none."""
+    import numpy as np
+    sam = D.make_student(teacher, "resnet18")
+    seeds = small_pool.seeds[:2]
+    _, target = small_pool.batch(torch.arange(2), teacher)
+    noise = torch.randn(target.shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    good = D.task_loss(sam, target, seeds, np.random.default_rng(0))
+    bad = D.task_loss(sam, noise, seeds, np.random.default_rng(0))
+    bad.backward()
+    assert torch.isfinite(good) and good < 0.8 * bad
+    assert noise.grad is not None and noise.grad.abs().sum() > 0
+    assert all(p.grad is None for p in sam.mask_decoder.parameters())
+
+
+def test_training_with_the_task_loss_runs_and_logs(teacher, small_pool, tmp_path):
+    cfg = D.DistillConfig(student="resnet18", steps=2, batch_images=2, pool_scenes=16, eval_scenes=1,
+                          task_weight=0.1)
+    D.train_student(teacher, tmp_path, cfg, pool=small_pool, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and "miou_point" in log[-1]
+    assert json.loads((tmp_path / "config.json").read_text())["task_weight"] == 0.1
+
+
 @pytest.mark.parametrize("args, message", [
     (["distill", "--steps", "0"], "steps"),
     (["distill", "--prompt-weight", "-1"], "prompt_weight"),
+    (["distill", "--task-weight", "-1"], "task_weight"),
     (["bench", "distill", "--student", "/no/such/student.pt"], "not found"),
 ])
 def test_cli_distill_bad_input_is_one_line(args, message):
