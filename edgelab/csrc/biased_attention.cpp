@@ -184,6 +184,8 @@ static void pack_keys(const float* kh, int ldk, int n, int d, float* kp) {
     for (int j = 0; j < KT; ++j) {
       const int key = t * KT + j;
       float* dst = kp + (int64_t)t * d * KT + j;
+      if (key + 8 < n)  // rows ldk apart come from memory: ask for the one 8 keys ahead now
+        for (int c = 0; c < d; c += 16) _mm_prefetch((const char*)(kh + (int64_t)(key + 8) * ldk + c), _MM_HINT_T0);
       for (int c = 0; c < d; ++c) dst[c * KT] = key < n ? kh[(int64_t)key * ldk + c] : 0.f;
     }
 }
