@@ -411,15 +411,17 @@ torch::Tensor biased_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   std::vector<int32_t> ih(n + 32, 0), iw(n + 32, 0);  // padded to whole tiles for the fused path
   for (int64_t c = 0; c < n; ++c) { ih[c] = (int32_t)(c / kw); iw[c] = (int32_t)(c % kw); }
 #if defined(__AVX512F__)
-  if (fused::handles(d) && small && block >= n) {
-    {  // one task per head: each makes its own packed keys and bias factors
-      fused::Args a{Q, K, V, nullptr, nullptr, RHTT, RWTT, O, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                    v.stride(0), v.stride(1), ldq, ldk, ldv, ldo, (int)heads, (int)n, kh + kw, nb, block,
-                    std::max<int64_t>(1, kv_block / fused::KT), alpha * fused::LOG2E,
-                    fused::Grid{kh, kw, (int)n, ih.data(), iw.data()}};
-      fused::dispatch(a, (int)(d / 16));
-      return out;
-    }
+  // The fused path, given every head's bias factors and packed keys (rel, kp), or null for both.
+  auto run_fused = [&](const float* rel, const float* kp) {
+    fused::Args a{Q, K, V, rel, kp, RHTT, RWTT, O, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                  v.stride(0), v.stride(1), ldq, ldk, ldv, ldo, (int)heads, (int)n, kh + kw, nb, block,
+                  std::max<int64_t>(1, kv_block / fused::KT), alpha * fused::LOG2E,
+                  fused::Grid{kh, kw, (int)n, ih.data(), iw.data()}};
+    fused::dispatch(a, (int)(d / 16));
+  };
+  if (fused::handles(d) && small && block >= n) {  // one task per head: it makes its own keys and factors
+    run_fused(nullptr, nullptr);
+    return out;
   }
 #endif
   auto rel = torch::empty({nb * heads, n, kh + kw}, q.options());  // rel_h | rel_w of every head
@@ -447,11 +449,7 @@ torch::Tensor biased_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         for (int64_t i = 0; i < n * (kh + kw); ++i) r[i] *= fused::LOG2E;
       }
     });
-    fused::Args a{Q, K, V, REL, KP, nullptr, nullptr, O, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                  v.stride(0), v.stride(1), ldq, ldk, ldv, ldo, (int)heads, (int)n, kh + kw, nb, block,
-                  std::max<int64_t>(1, kv_block / fused::KT), alpha * fused::LOG2E,
-                  fused::Grid{kh, kw, (int)n, ih.data(), iw.data()}};
-    fused::dispatch(a, (int)(d / 16));
+    run_fused(REL, KP);
     return out;
   }
 #endif
