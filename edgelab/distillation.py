@@ -14,6 +14,9 @@ Students (`STUDENTS`), all from random initialisation (nothing can be downloaded
 A stride-8 trunk reads the image at half the teacher's side (a 2x2 average: the pixels a CNN
 needs to find 16x16 tokens' worth of edges). Each student ends in a neck that maps its channels
 to the teacher's embedding (a 1x1 convolution and LayerNorm2d, the first half of SAM's neck).
+Two optional losses put the frozen decoder in the loop: `prompt_loss` (its masks from the
+student's embedding against those from the teacher's, EdgeSAM's idea) and `task_loss` (against the
+scenes' exact instance masks; the shipped student's last stage).
 
 The same training runs under `torchrun` with DistributedDataParallel (section "More than one
 machine"): `torchrun --nproc-per-node 2 -m edgelab.distillation --out runs/distill`.
@@ -226,13 +229,13 @@ def prompt_loss(sam: Sam, student_emb: torch.Tensor, teacher_emb: torch.Tensor, 
     return torch.stack(losses).mean()
 
 
-# The prompts of task_loss: tiny's own mix per image (section "Training the students"), one
+# The prompts of task_loss: tiny's own mix per image (section "The shipped student"), one
 # two-points-and-a-negative prompt instead of two.
 TASK_PROMPTS = training.TrainConfig(point_prompts=4, box_prompts=2, multi_prompts=1)
 
 
 def task_loss(sam: Sam, student_emb: torch.Tensor, seeds: list[int], rng: np.random.Generator) -> torch.Tensor:
-    """Fine-tuning on the task itself (section "Training the students"): the scenes of `seeds`
+    """Fine-tuning on the task itself (section "The shipped student"): the scenes of `seeds`
     are drawn again for their exact instance masks, prompted as tiny was trained, and the frozen
     decoder's masks from the student's embedding are scored with SAM's loss against them
     (`training.scene_loss`). Unlike the embedding and prompt losses, the target is the ground
@@ -367,7 +370,8 @@ def train_student(teacher: Sam, run_dir: str | Path, cfg: DistillConfig = Distil
                   pool: EmbeddingPool | None = None, resume: bool = True, progress: bool = True) -> Sam:
     """Distil `teacher`'s image encoder into a new student (section "Training the student").
 
-    Writes to run_dir: config.json, log.jsonl (step, loss, lr, elapsed_s; mIoU at evaluations),
+    Writes to run_dir: config.json, log.jsonl (step, loss, lr, elapsed_s; point mIoU on validation
+    scenes at evaluations),
     checkpoint.pt (student, optimizer, step; resumed when present) and student.pt (the final
     encoder weights with its family). Under torchrun, each rank draws its own scenes and
     DistributedDataParallel averages the gradients; rank 0 writes the files.
