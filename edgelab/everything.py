@@ -13,8 +13,9 @@ filters and NMS unchanged.
 """
 from __future__ import annotations
 
+import io
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -22,6 +23,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from pycocotools import mask as rle
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
@@ -195,13 +199,6 @@ def mask_ap(images: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict
     IoU 0.5:0.95, AP at 0.5 and at 0.75. `images`: (masks (M, H, W), scores (M,), truth (K, H, W)).
     Where recall asks whether each object was found, AP also charges the extra masks (section
     "Segment everything")."""
-    import contextlib
-    import io
-
-    from pycocotools import mask as rle
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     def encode(m: np.ndarray) -> dict:
         return rle.encode(np.asfortranarray(m.astype(np.uint8)))
 
@@ -218,7 +215,7 @@ def mask_ap(images: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict
                   for m, s in zip(masks, scores)]
     if not found:
         return {"mask_ap": 0.0, "mask_ap50": 0.0, "mask_ap75": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its progress and table
+    with redirect_stdout(io.StringIO()):  # COCOeval prints its progress and table
         coco = COCO()
         coco.dataset = gt
         coco.createIndex()
