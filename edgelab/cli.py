@@ -1,7 +1,7 @@
 """`edgelab <verb>`: drive the workbook without Jupyter (the guide's command-line contract).
 
-Verbs: eval, bench encoder|prune|quant|distill|deploy|everything|machine, distill, train-tiny, run, sweep, report,
-student, grade. `--json` prints one JSON object on stdout.
+Verbs: eval, bench encoder|prune|quant|distill|deploy|everything|machine, distill, train-tiny, tune-iou-head, run,
+sweep, report, student, grade. `--json` prints one JSON object on stdout.
 Bad input exits 2 with one line on stderr, never a traceback.
 """
 from __future__ import annotations
@@ -213,9 +213,14 @@ def cmd_train_tiny(args) -> dict:
                                hours=args.hours, threads=args.threads, eval_scenes=args.eval_scenes,
                                checkpoint_minutes=args.checkpoint_minutes, lr=args.lr, warmup=args.warmup,
                                box_noise=args.box_noise, scene_offset=args.scene_offset,
-                               init=str(args.init) if args.init else None)
+                               init=str(args.init) if args.init else None, box_prompts=args.box_prompts,
+                               freeze_encoder=args.freeze_encoder, iou_weight=args.iou_weight)
     if not 0 < args.lr <= 1 or args.warmup < 0 or not 0 <= args.box_noise <= 0.5 or args.scene_offset < 0:
         raise UsageError("--lr must be in (0, 1], --warmup and --scene-offset at least 0, --box-noise in [0, 0.5]")
+    if not 0 <= args.iou_weight <= 100 or not 0 <= args.box_prompts <= 64:
+        raise UsageError("--iou-weight must be in [0, 100] and --box-prompts in [0, 64]")
+    if args.freeze_encoder and not args.init:
+        raise UsageError("--freeze-encoder trains the decoder of trained weights: give them with --init")
     if args.init:
         models.read_checkpoint(args.init, "tiny")  # one clear line now rather than after the set-up
     final = training.train_tiny(args.out, cfg, device=args.device, resume=not args.fresh,
@@ -224,6 +229,18 @@ def cmd_train_tiny(args) -> dict:
     return {"weights": str(final), "sha256": sha, "steps": cfg.steps, "hours": cfg.hours,
             "stop_after": args.stop_after,
             "shipped_sha256": models.TINY_SHA256.read_text().split()[0] if models.TINY_SHA256.exists() else None}
+
+
+def cmd_tune_iou_head(args) -> dict:
+    """`tune-iou-head`: refit only the IoU head of tiny weights (notebook 00, the IoU head's choice)."""
+    from . import models, training
+    if args.scenes < 1 or args.steps < 1 or not 0 < args.lr <= 1 or args.scene_offset < 0:
+        raise UsageError("--scenes and --steps must be at least 1, --lr in (0, 1], --scene-offset at least 0")
+    models.read_checkpoint(args.init, "tiny")  # one clear line now rather than after the set-up
+    log = training.tune_iou_head(args.init, args.out, n_scenes=args.scenes, scene_offset=args.scene_offset,
+                                 steps=args.steps, lr=args.lr, threads=args.threads, progress=not args.json)
+    final = Path(args.out) / "sam_tiny.pt"
+    return {"weights": str(final), "sha256": models.sha256_of(final), **log}
 
 
 def training_default(name: str):
@@ -410,12 +427,29 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--box-noise", type=float, default=training_default("box_noise"),
                    help="std of the training boxes' corner noise, a fraction of the box's side")
     t.add_argument("--init", help="start from these tiny weights (a second training phase)")
+    t.add_argument("--freeze-encoder", action="store_true",
+                   help="train the prompt encoder and mask decoder only (the image encoder stays as --init has it)")
+    t.add_argument("--iou-weight", type=float, default=training_default("iou_weight"),
+                   help="weight of the IoU head's loss beside the mask loss")
+    t.add_argument("--box-prompts", type=int, default=training_default("box_prompts"),
+                   help="box prompts per training scene")
     t.add_argument("--scene-offset", type=int, default=training_default("scene_offset"),
                    help="first training scene seed (a second phase draws scenes the first never saw)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=cmd_train_tiny)
+
+    h = sub.add_parser("tune-iou-head", help="refit only tiny's IoU head (its masks stay as they are)")
+    h.add_argument("--init", default="data/sam_tiny.pt", help="the tiny weights whose IoU head is refitted")
+    h.add_argument("--out", default="runs/tune-iou-head")
+    h.add_argument("--scenes", type=int, default=3000, help="training scenes sampled")
+    h.add_argument("--scene-offset", type=int, default=5_000_000, help="first training scene seed")
+    h.add_argument("--steps", type=int, default=3000)
+    h.add_argument("--lr", type=float, default=1e-3)
+    h.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(fn=cmd_tune_iou_head)
 
     r = sub.add_parser("run", help="execute the notebooks with papermill into a run folder")
     r.add_argument("--profile", choices=["quick", "full"], default="quick")

@@ -199,6 +199,37 @@ def evaluate_scenes(model: Sam, n: int | None = None, prompt: str = "point",
     return EvalResult(float(np.mean(ious)), len(ious), len(ds), prompt, ious, areas, kinds)
 
 
+@torch.no_grad()
+def mask_choice(model: Sam, n: int | None = None, split: str = "eval",
+                progress: bool = True) -> tuple[dict[str, EvalResult], float]:
+    """What SAM's choice among its three masks costs for one point per object (notebook 00,
+    "How we score a model"): mIoU of the mask the IoU head picks (the protocol), of the truly
+    best of the three (an oracle: it reads the ground truth) and of the single-mask output, on
+    the same objects; and how often the head's pick is the truly best one.
+    """
+    ds = scenes_mod.SceneDataset(split, n)
+    predictor = SamPredictor(model)
+    rows: dict[str, list[float]] = {"predicted": [], "best of three": [], "single mask": []}
+    hits = []
+    for i in tqdm(range(len(ds)), desc="mask choice", disable=not progress, leave=False):
+        s = ds.scene(i)
+        predictor.set_image(s.image)
+        pts = np.array([point_prompt(m) for m in s.masks], np.float32)[:, None, :]
+        pts = torch.as_tensor(predictor.transform.apply_coords(pts, s.image.shape[:2]), dtype=torch.float)
+        labels = torch.ones(pts.shape[:2], dtype=torch.int)
+        three, scores, _ = predictor.predict_torch(pts, labels, multimask_output=True)
+        one, _, _ = predictor.predict_torch(pts, labels, multimask_output=False)
+        for j, gt in enumerate(s.masks):
+            true = [iou(m, gt) for m in three[j]]
+            pick = int(scores[j].argmax())
+            rows["predicted"].append(true[pick])
+            rows["best of three"].append(max(true))
+            rows["single mask"].append(iou(one[j, 0], gt))
+            hits.append(true[pick] == max(true))
+    results = {k: EvalResult(float(np.mean(v)), len(v), len(ds), "point", v) for k, v in rows.items()}
+    return results, float(np.mean(hits))
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """Read a JPEG/PNG as HxWx3 uint8 RGB: grayscale, RGBA, palette and 16-bit are converted."""
     with Image.open(path) as im:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from tqdm.auto import tqdm
 
@@ -63,6 +64,8 @@ class TrainConfig:
     box_noise: float = 0.08  # std of the training boxes' corner noise, as a fraction of the box's side
     init: str | None = None  # start from these weights (a second phase) instead of random ones
     scene_offset: int = 0  # training scenes from this seed on (a second phase draws new scenes)
+    freeze_encoder: bool = False  # train the prompt encoder and mask decoder only (a third phase)
+    iou_weight: float = 1.0  # weight of the IoU head's MSE beside the mask loss
 
 
 def tiny_config(cfg: TrainConfig) -> models.SamConfig:
@@ -171,7 +174,7 @@ def decode(sam: Sam, embeddings: torch.Tensor, which_image: torch.Tensor, points
 
 
 def _prompt_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor, multimask: bool,
-                 size: int = 128, focal_weight: float = 20.0):
+                 size: int = 128, focal_weight: float = 20.0, iou_weight: float = 1.0):
     """SAM's loss for a group of prompts; single points train only their best of masks 1-3.
 
     Masks are compared at `size` px: the target is area-averaged down (soft at the edges) and the
@@ -188,14 +191,15 @@ def _prompt_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Te
     best = per_mask.argmin(dim=1)
     mask_loss = per_mask.gather(1, best[:, None]).mean()
     iou_loss = F.mse_loss(iou_pred, mask_iou(logits, t).detach())
-    return mask_loss + iou_loss, mask_loss.detach(), iou_loss.detach()
+    return mask_loss + iou_weight * iou_loss, mask_loss.detach(), iou_loss.detach()
 
 
 def train_step(sam: Sam, batch: list[scenes.Scene], cfg: TrainConfig, rng: np.random.Generator) -> dict:
     """One optimisation step's forward pass and loss on a batch of scenes (no backward)."""
     dev = sam.device
     imgs = torch.stack([torch.from_numpy(s.image.copy()) for s in batch]).permute(0, 3, 1, 2).float().to(dev)
-    emb = sam.image_encoder((imgs - sam.pixel_mean) / sam.pixel_std)
+    with torch.set_grad_enabled(not cfg.freeze_encoder and torch.is_grad_enabled()):
+        emb = sam.image_encoder((imgs - sam.pixel_mean) / sam.pixel_std)
     return scene_loss(sam, emb, batch, cfg, rng)
 
 
@@ -220,7 +224,7 @@ def scene_loss(sam: Sam, emb: torch.Tensor, batch: list[scenes.Scene], cfg: Trai
             labels = torch.from_numpy(np.concatenate([lab for _, _, lab, _ in items])).to(dev)
             low, iou = decode(sam, emb, which, points=(coords, labels))
         loss, ml, il = _prompt_loss(low, iou, target, multimask=(kind == "point"), size=cfg.loss_size,
-                                    focal_weight=cfg.focal_weight)
+                                    focal_weight=cfg.focal_weight, iou_weight=cfg.iou_weight)
         total = total + loss
         parts[f"mask_{kind}"], parts[f"iou_{kind}"] = ml.item(), il.item()
     parts["loss"] = float(total.detach())
@@ -382,6 +386,7 @@ def _resume(run: Path, cfg: TrainConfig, sam: Sam, opt: torch.optim.Optimizer, d
         raise models.CheckpointError(f"{ckpt} cannot be resumed ({type(e).__name__}: {str(e)[:120]}); "
                                      "move it away or pass --fresh") from None
     saved = state.get("config")
+    saved = saved and json.dumps(asdict(config_from_json(json.loads(saved))))  # older runs: new fields at default
     if saved and _recipe(json.loads(saved)) != _recipe(json.loads(json.dumps(asdict(cfg)))):
         raise ValueError(f"{ckpt} was written by a run with another configuration; "
                          "resume with the same options (see its config.json) or use --fresh")
@@ -403,7 +408,10 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     sam = models.build_sam(tiny_config(cfg)).to(device).train()
-    opt = torch.optim.AdamW(sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.freeze_encoder:
+        sam.image_encoder.requires_grad_(False)
+    trained = [p for p in sam.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, seconds = _resume(run, cfg, sam, opt, device) if resume else (0, 0.0)
     if cfg.init and not start:  # a second phase: warm-start from earlier weights, new optimizer state
         sam.load_state_dict(models.read_checkpoint(cfg.init, "tiny"))
@@ -440,7 +448,7 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
                 out = train_step(sam, batch, cfg, rng)
             opt.zero_grad(set_to_none=True)
             out["loss_tensor"].backward()
-            torch.nn.utils.clip_grad_norm_(sam.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             opt.step()
             step += 1
             dt = step_seconds(time.time() - t_step, time.process_time() - cpu_step, torch.get_num_threads())
@@ -465,3 +473,100 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
     final = run / "sam_tiny.pt"
     torch.save(sam.eval().state_dict(), final)
     return final
+
+
+@torch.no_grad()
+def iou_head_samples(sam: Sam, seeds: list[int], seed: int = 0,
+                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The IoU head's inputs (its token from the decoder) and targets (the true IoU of each of the
+    four masks at the image's resolution) on the scenes of `seeds`: for every object, its protocol
+    point, a random point inside it and its exact box. Notebook 00, "What the IoU head's choice costs"."""
+    sam.eval()
+    predictor = SamPredictor(sam)
+    rng = np.random.default_rng(seed)
+    feats: list[torch.Tensor] = []
+    hook = sam.mask_decoder.iou_prediction_head.register_forward_pre_hook(lambda m, a: feats.append(a[0]))
+    targets: list[list[float]] = []
+    try:
+        for s in tqdm(seeds, desc="IoU head samples", disable=not progress, leave=False):
+            scene = scenes.make_scene(s)
+            predictor.set_image(scene.image)
+            size = scene.image.shape[:2]
+            centre = np.array([evaluate.point_prompt(m) for m in scene.masks], np.float32)
+            inside = np.array([_sample_point(m, rng) for m in scene.masks], np.float32)
+            boxes = np.array([evaluate.box_prompt(m) for m in scene.masks], np.float32)
+            labels = torch.ones((len(scene.masks), 1), dtype=torch.int)
+            for pts in (centre, inside):
+                coords = torch.as_tensor(predictor.transform.apply_coords(pts[:, None], size), dtype=torch.float)
+                targets += _four_ious(sam, predictor, scene.masks, points=(coords, labels))
+            box_t = torch.as_tensor(predictor.transform.apply_boxes(boxes, size), dtype=torch.float)
+            targets += _four_ious(sam, predictor, scene.masks, boxes=box_t)
+    finally:
+        hook.remove()
+    return torch.cat(feats), torch.tensor(targets)
+
+
+def _four_ious(sam: Sam, predictor: SamPredictor, gts: np.ndarray, points=None, boxes=None) -> list[list[float]]:
+    """True IoU of all four of the decoder's masks (single-mask output first) for each prompt."""
+    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+    low, _ = sam.mask_decoder.predict_masks(predictor.features, sam.prompt_encoder.get_dense_pe(), sparse, dense)
+    masks = sam.postprocess_masks(low, predictor.input_size, predictor.original_size) > sam.mask_threshold
+    return [[evaluate.iou(m, gt) for m in ms] for ms, gt in zip(masks, gts)]
+
+
+def fit_iou_head(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 3000,
+                 lr: float = 1e-3, rank_weight: float = 0.1, batch: int = 256, seed: int = 0) -> list[float]:
+    """Fit SAM's IoU head on cached samples (`iou_head_samples`): SAM's squared error on all four
+    IoUs, plus a ranking term (cross-entropy over masks 1-3 towards the truly best one, at
+    temperature 0.05), since the protocol keeps only the mask ranked first. Returns the losses."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    head.train()
+    losses = []
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(len(x), (batch,), generator=gen)
+        pred, true = head(x[idx]), y[idx]
+        loss = F.mse_loss(pred, true)
+        if rank_weight:
+            loss = loss + rank_weight * F.cross_entropy(pred[:, 1:] / 0.05, true[:, 1:].argmax(1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    head.eval()
+    return losses
+
+
+def tune_iou_head(init: str | Path, out: str | Path, n_scenes: int = 3000, scene_offset: int = 5_000_000,
+                  steps: int = 3000, lr: float = 1e-3, rank_weight: float = 0.1, val_scenes: int = 150,
+                  threads: int = 0, progress: bool = True) -> dict:
+    """A last training phase that refits only the IoU head of the tiny weights `init` (every mask
+    stays as it was): samples from `n_scenes` training scenes from `scene_offset` on, a fit, and
+    the point-prompt mIoU on `val_scenes` validation scenes before and after. Writes
+    out/sam_tiny.pt and out/log.json; returns the log."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    run = Path(out)
+    run.mkdir(parents=True, exist_ok=True)
+    sam = models.build_sam(models.CONFIGS["tiny"])
+    sam.load_state_dict(models.read_checkpoint(init, "tiny"))
+    sam.eval()
+    before = evaluate.evaluate_scenes(sam, val_scenes, "point", split="val", progress=False)
+    t0, c0 = time.time(), time.process_time()
+    seeds = [scenes.TRAIN_SEED_BASE + scene_offset + i for i in range(n_scenes)]
+    x, y = iou_head_samples(sam, seeds, progress=progress)
+    losses = fit_iou_head(sam.mask_decoder.iou_prediction_head, x, y, steps, lr, rank_weight)
+    train_s = step_seconds(time.time() - t0, time.process_time() - c0, torch.get_num_threads())
+    after = evaluate.evaluate_scenes(sam, val_scenes, "point", split="val", progress=False)
+    torch.save(sam.state_dict(), run / "sam_tiny.pt")
+    log = {"init": str(init), "n_scenes": n_scenes, "scene_offset": scene_offset, "samples": len(x),
+           "steps": steps, "lr": lr, "rank_weight": rank_weight, "train_s": round(train_s, 1),
+           "cpu": _cpu_name(), "threads": torch.get_num_threads(), "first_loss": losses[0],
+           "last_loss": float(np.mean(losses[-100:])), "val_scenes": val_scenes,
+           "val_point_before": round(before.miou, 4), "val_point_after": round(after.miou, 4),
+           "val_point_difference": evaluate.paired_difference(after, before)}
+    (run / "log.json").write_text(json.dumps(log, indent=1))
+    return log

@@ -170,6 +170,26 @@ def test_second_phase_starts_from_the_given_weights_on_new_scenes(tmp_path):
     assert training.SceneBatches(cfg, offset=cfg.scene_offset)(0, np.random.default_rng(0))[0].seed == 1_000_000
 
 
+def test_a_third_phase_trains_the_decoder_only(tmp_path):
+    """--freeze-encoder keeps the image encoder of --init bit for bit and moves the decoder."""
+    cfg = training.TrainConfig(steps=1, batch_images=1, point_prompts=1, box_prompts=1, multi_prompts=1,
+                               eval_scenes=1, lr=1e-3, warmup=0, bf16="off", init=str(models.TINY_WEIGHTS),
+                               freeze_encoder=True, iou_weight=4.0)
+    after = torch.load(training.train_tiny(tmp_path, cfg, progress=False), weights_only=True)
+    start = torch.load(models.TINY_WEIGHTS, weights_only=True)
+    assert all(torch.equal(after[k], start[k]) for k in start if k.startswith("image_encoder."))
+    assert any(not torch.equal(after[k], start[k]) for k in start if k.startswith("mask_decoder."))
+
+
+def test_iou_weight_scales_the_iou_heads_loss():
+    torch.manual_seed(0)
+    low, iou = torch.randn(3, 4, 16, 16), torch.rand(3, 4)
+    target = (torch.rand(3, 32, 32) > 0.5).float()
+    one = training._prompt_loss(low, iou, target, multimask=True, size=32)
+    four = training._prompt_loss(low, iou, target, multimask=True, size=32, iou_weight=4.0)
+    assert torch.allclose(four[0], one[1] + 4 * one[2])
+
+
 def test_box_noise_sets_how_far_training_boxes_move():
     mask = np.zeros((256, 256), bool)
     mask[100:150, 60:200] = True
@@ -186,6 +206,10 @@ def test_cli_refuses_a_bad_second_phase(tmp_path):
     assert code == 2 and "--box-noise" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("train-tiny", "--out", str(tmp_path), "--init", str(tmp_path / "missing.pt"))
     assert code == 2 and "not found" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("train-tiny", "--out", str(tmp_path), "--freeze-encoder")
+    assert code == 2 and "--init" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("train-tiny", "--out", str(tmp_path), "--iou-weight", "-1")
+    assert code == 2 and "--iou-weight" in err and len(err.strip().splitlines()) == 1
 
 
 def test_append_phase_counts_on_from_the_first_log(tmp_path):
@@ -207,3 +231,24 @@ def test_append_phase_counts_on_from_the_first_log(tmp_path):
     assert events[1]["config"]["init"] == "data/sam_tiny.pt"
     assert training.phase_starts(out) == [{"step": 10, "hours": 1.0, "config": events[1]["config"]}]
     assert training.phase_starts(tmp_path / "first.jsonl") == []
+
+
+def test_tuning_the_iou_head_moves_only_the_iou_head(tmp_path):
+    """tune-iou-head: samples with four true IoUs each, a fit, every other weight unchanged."""
+    log = training.tune_iou_head(models.TINY_WEIGHTS, tmp_path, n_scenes=2, steps=20, val_scenes=2, progress=False)
+    assert log["samples"] > 0 and log["last_loss"] < log["first_loss"] * 2
+    after = torch.load(tmp_path / "sam_tiny.pt", weights_only=True)
+    start = torch.load(models.TINY_WEIGHTS, weights_only=True)
+    moved = {k for k in start if not torch.equal(after[k], start[k])}
+    assert moved and all(k.startswith("mask_decoder.iou_prediction_head.") for k in moved)
+    x, y = training.iou_head_samples(models.load_sam("tiny"), [5], progress=False)
+    assert x.shape[0] == y.shape[0] == 3 * len(scenes.make_scene(5).masks) and y.shape[1] == 4
+    assert ((y >= 0) & (y <= 1)).all()
+
+
+def test_cli_refuses_a_bad_iou_head_run(tmp_path):
+    from conftest import run_cli
+    code, _, err = run_cli("tune-iou-head", "--out", str(tmp_path), "--scenes", "0")
+    assert code == 2 and "--scenes" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("tune-iou-head", "--out", str(tmp_path), "--init", str(tmp_path / "missing.pt"))
+    assert code == 2 and "not found" in err and len(err.strip().splitlines()) == 1
