@@ -209,7 +209,7 @@ def mask_choice(model: Sam, n: int | None = None, split: str = "eval",
     """
     ds = scenes_mod.SceneDataset(split, n)
     predictor = SamPredictor(model)
-    rows: dict[str, list[float]] = {"predicted": [], "best of three": [], "single mask": []}
+    rows: dict[str, list[float]] = {"head's pick": [], "best of three": [], "single mask": []}
     hits = []
     for i in tqdm(range(len(ds)), desc="mask choice", disable=not progress, leave=False):
         s = ds.scene(i)
@@ -222,7 +222,7 @@ def mask_choice(model: Sam, n: int | None = None, split: str = "eval",
         for j, gt in enumerate(s.masks):
             true = [iou(m, gt) for m in three[j]]
             pick = int(scores[j].argmax())
-            rows["predicted"].append(true[pick])
+            rows["head's pick"].append(true[pick])
             rows["best of three"].append(max(true))
             rows["single mask"].append(iou(one[j, 0], gt))
             hits.append(true[pick] == max(true))

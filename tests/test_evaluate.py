@@ -412,6 +412,6 @@ def test_mask_choice_brackets_the_protocol(tiny_trained):
     """The head's pick scores what the protocol scores, never more than the truly best of three."""
     res, picked = evaluate.mask_choice(tiny_trained, 3, progress=False)
     proto = evaluate.evaluate_scenes(tiny_trained, 3, "point", progress=False)
-    assert res["predicted"].miou == pytest.approx(proto.miou)
-    assert all(b >= p for b, p in zip(res["best of three"].per_object, res["predicted"].per_object))
+    assert res["head's pick"].miou == pytest.approx(proto.miou)
+    assert all(b >= p for b, p in zip(res["best of three"].per_object, res["head's pick"].per_object))
     assert 0.0 <= picked <= 1.0 and res["single mask"].n_masks == proto.n_masks
