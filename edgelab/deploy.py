@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import multiprocessing as mp
 import time
@@ -733,7 +734,8 @@ def initial_final(names: Sequence[str] = ("vit_b",), img_size: int = 1024, batch
                 key = v.replace(" ", "_")
                 row[f"{key}_s"], row[f"{key}_rel_err"] = t[v]["median_s"] / batch, t[v]["rel_err"]
         rows.append(row)
-        del sam, final
+        del sam, final, fns, t  # the race entries hold the models and OpenVINO sessions: free them
+        gc.collect()            # before the next (larger) model is built
     return rows
 
 
