@@ -200,6 +200,18 @@ def evaluate_scenes(model: Sam, n: int | None = None, prompt: str = "point",
 
 
 @torch.no_grad()
+def four_masks(predictor: SamPredictor, points=None, boxes=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All four of the decoder's masks (single-mask output first) at the image's resolution and
+    their predicted IoUs, from one decoder call on the image set in `predictor` (prompts already
+    in the model's input frame): what `predict_torch` returns, before it slices one or three."""
+    sam = predictor.model
+    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+    low, iou_pred = sam.mask_decoder.predict_masks(predictor.features, sam.prompt_encoder.get_dense_pe(), sparse, dense)
+    masks = sam.postprocess_masks(low, predictor.input_size, predictor.original_size) > sam.mask_threshold
+    return masks, iou_pred
+
+
+@torch.no_grad()
 def mask_choice(model: Sam, n: int | None = None, split: str = "eval",
                 progress: bool = True) -> tuple[dict[str, EvalResult], float]:
     """What SAM's choice among its three masks costs for one point per object (notebook 00,
@@ -216,15 +228,13 @@ def mask_choice(model: Sam, n: int | None = None, split: str = "eval",
         predictor.set_image(s.image)
         pts = np.array([point_prompt(m) for m in s.masks], np.float32)[:, None, :]
         pts = torch.as_tensor(predictor.transform.apply_coords(pts, s.image.shape[:2]), dtype=torch.float)
-        labels = torch.ones(pts.shape[:2], dtype=torch.int)
-        three, scores, _ = predictor.predict_torch(pts, labels, multimask_output=True)
-        one, _, _ = predictor.predict_torch(pts, labels, multimask_output=False)
+        masks, scores = four_masks(predictor, points=(pts, torch.ones(pts.shape[:2], dtype=torch.int)))
         for j, gt in enumerate(s.masks):
-            true = [iou(m, gt) for m in three[j]]
-            pick = int(scores[j].argmax())
+            single, *true = [iou(m, gt) for m in masks[j]]
+            pick = int(scores[j, 1:].argmax())
             rows["head's pick"].append(true[pick])
             rows["best of three"].append(max(true))
-            rows["single mask"].append(iou(one[j, 0], gt))
+            rows["single mask"].append(single)
             hits.append(true[pick] == max(true))
     results = {k: EvalResult(float(np.mean(v)), len(v), len(ds), "point", v) for k, v in rows.items()}
     return results, float(np.mean(hits))

@@ -385,9 +385,8 @@ def _resume(run: Path, cfg: TrainConfig, sam: Sam, opt: torch.optim.Optimizer, d
     except Exception as e:
         raise models.CheckpointError(f"{ckpt} cannot be resumed ({type(e).__name__}: {str(e)[:120]}); "
                                      "move it away or pass --fresh") from None
-    saved = state.get("config")
-    saved = saved and json.dumps(asdict(config_from_json(json.loads(saved))))  # older runs: new fields at default
-    if saved and _recipe(json.loads(saved)) != _recipe(json.loads(json.dumps(asdict(cfg)))):
+    saved = state.get("config")  # read through TrainConfig: fields newer than the run take their defaults
+    if saved and _recipe(asdict(config_from_json(json.loads(saved)))) != _recipe(asdict(cfg)):
         raise ValueError(f"{ckpt} was written by a run with another configuration; "
                          "resume with the same options (see its config.json) or use --fresh")
     return int(state["step"]), float(state.get("train_seconds", 0.0))
@@ -498,19 +497,17 @@ def iou_head_samples(sam: Sam, seeds: list[int], seed: int = 0,
             labels = torch.ones((len(scene.masks), 1), dtype=torch.int)
             for pts in (centre, inside):
                 coords = torch.as_tensor(predictor.transform.apply_coords(pts[:, None], size), dtype=torch.float)
-                targets += _four_ious(sam, predictor, scene.masks, points=(coords, labels))
+                targets += _four_ious(predictor, scene.masks, points=(coords, labels))
             box_t = torch.as_tensor(predictor.transform.apply_boxes(boxes, size), dtype=torch.float)
-            targets += _four_ious(sam, predictor, scene.masks, boxes=box_t)
+            targets += _four_ious(predictor, scene.masks, boxes=box_t)
     finally:
         hook.remove()
     return torch.cat(feats), torch.tensor(targets)
 
 
-def _four_ious(sam: Sam, predictor: SamPredictor, gts: np.ndarray, points=None, boxes=None) -> list[list[float]]:
+def _four_ious(predictor: SamPredictor, gts: np.ndarray, points=None, boxes=None) -> list[list[float]]:
     """True IoU of all four of the decoder's masks (single-mask output first) for each prompt."""
-    sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
-    low, _ = sam.mask_decoder.predict_masks(predictor.features, sam.prompt_encoder.get_dense_pe(), sparse, dense)
-    masks = sam.postprocess_masks(low, predictor.input_size, predictor.original_size) > sam.mask_threshold
+    masks, _ = evaluate.four_masks(predictor, points=points, boxes=boxes)
     return [[evaluate.iou(m, gt) for m in ms] for ms, gt in zip(masks, gts)]
 
 
