@@ -706,20 +706,18 @@ def layer_kinds(variants: Mapping[str, Variant], points: np.ndarray, image: np.n
 
 def initial_final(names: Sequence[str] = ("vit_b",), img_size: int = 1024, batch: int = 1,
                   repeats: int = 2, final_attention: str = "fused", final_quant: str = "w8a8_fbgemm",
-                  progress: bool = True, openvino: bool | Sequence[str] = False,
+                  progress: bool = True, openvino: Sequence[str] = (),
                   run_dir: str | Path | None = None) -> list[dict]:
     """SAM's encoder as shipped (initial) against our stack (final: chapter 01's attention and
     chapter 03's INT8), random weights, timing only (section "The poster's table").
 
-    With `openvino` (True: every model; a list: those models), the same encoder exported to ONNX
-    runs on OpenVINO too, FP32 and INT8 (NNCF, calibrated on two train-split scenes: the weights
-    are random, so only its time means anything), raced with the other two: `openvino_fp32_s`,
-    `openvino_int8_s` and their relative errors against the initial encoder. Exporting and
-    quantizing vit_l and vit_h at 1024 px takes far more memory than timing them (notebook 05's
-    full profile with all three passed 23 GB; with vit_b alone it peaks at 15.5 GB), hence the
-    list. Files go to `run_dir` (a temporary folder if None)."""
+    For the models named in `openvino`, the same encoder exported to ONNX runs on OpenVINO too,
+    FP32 and INT8 (NNCF, calibrated on two train-split scenes: the weights are random, so only its
+    time means anything), raced with the other two: `openvino_fp32_s`, `openvino_int8_s` and their
+    relative errors against the initial encoder. Exporting and quantizing vit_l and vit_h at
+    1024 px takes far more memory than timing them (notebook 05's full profile with all three
+    passed 23 GB; with vit_b alone it peaks at 15.5 GB), hence a list. Files go to `run_dir` (a temporary folder if None)."""
     import tempfile
-    on_openvino = set(names if openvino is True else openvino or ())
     rows = []
     for name in tqdm(names, desc="initial vs final", disable=not progress, leave=False):
         sam = models.timing_model(name, img_size)
@@ -727,7 +725,7 @@ def initial_final(names: Sequence[str] = ("vit_b",), img_size: int = 1024, batch
         x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
         fns = {"initial": lambda m=sam: m.image_encoder(x), "final": lambda m=final: m.image_encoder(x)}
         with tempfile.TemporaryDirectory() as tmp:
-            if name in on_openvino:
+            if name in openvino:
                 fns.update(_openvino_encoders(sam, Path(run_dir or tmp) / f"{name}_{img_size}", x))
             with torch.inference_mode():
                 t = {r["name"]: r for r in bench.race(fns, "initial", warmup=1, repeats=repeats)}
