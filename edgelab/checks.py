@@ -418,6 +418,37 @@ def check_wire_student(fn: Callable) -> None:
               "the student must keep the teacher's img_size so SamPredictor resizes the image the same way.")
 
 
+def check_review_queue(fn: Callable, budget: float = 0.2, n_scenes: int = 16, target: float = 0.05) -> None:
+    """Notebook 00, exercise "a review queue": fn(pred_iou, area, budget) -> one boolean per object,
+    True for the masks a person re-checks, at most a fraction `budget` of them. The masks left
+    unflagged must score an mIoU at least `target` above all the masks, on `n_scenes` validation
+    scenes of tiny with one point per object (the protocol's kept mask)."""
+    from . import evaluate, models  # core modules, imported where used (as for the other model checks)
+
+    name = "review queue"
+    hint = ("the person should see the masks most likely to be wrong; the IoU head's estimate is imperfect but it "
+            "tracks the true IoU, and a fixed threshold flags however many masks happen to fall under it.",
+            "rank the objects by the number you trust and flag the lowest int(budget * n) of them: np.argsort.",
+            "flags = np.zeros(n, bool); flags[np.argsort(pred_iou)[:int(budget * n)]] = True")
+    require_answer(name, call_answer(name, fn, np.array([0.9, 0.4, 0.7]), np.array([50, 900, 3000]), 0.34))
+    pred_iou, area, true_iou = evaluate.kept_masks(models.load_sam("tiny"), n_scenes, "val")
+    flags = call_answer(name, fn, pred_iou.copy(), area.copy(), budget)
+    require_answer(name, flags)
+    flags = np.asarray(flags, dtype=bool)
+    if flags.shape != true_iou.shape:
+        fail(name, f"returned {flags.shape[0] if flags.ndim else 'no'} flags for {len(true_iou)} objects.",
+             "one boolean per object, in the order given.")
+    if flags.sum() > budget * len(true_iou):
+        fail(name, f"you flag {flags.sum()} of {len(true_iou)} masks ({flags.mean():.0%}): over the budget of {budget:.0%}.", hint)
+    rest, everyone = true_iou[~flags].mean(), true_iou.mean()
+    if rest < everyone + target:
+        fail(name, f"the masks you leave unflagged score mIoU {rest:.3f}, all masks {everyone:.3f}: "
+                   f"{(rest - everyone) * 100:+.1f} points, the target is +{target * 100:.0f}.", hint)
+    print(f"[{name}] you flag {flags.sum()} of {len(true_iou)} masks ({flags.mean():.0%}), whose true mIoU is "
+          f"{true_iou[flags].mean():.3f}; the rest score {rest:.3f} against {everyone:.3f} for all of them "
+          f"({(rest - everyone) * 100:+.1f} points; target +{target * 100:.0f})")
+
+
 def check_choose(fn: Callable) -> None:
     """Notebook 05, exercise "Choose under a budget": fn(rows, budget_s) -> the row with the
     highest mIoU among those whose frame latency `median_s` fits the budget, or None."""

@@ -5,7 +5,8 @@ fused attention (01), Frobenius-norm pruning (02), INT8 (03) and the distilled s
 `tiny`, exports models to ONNX and runs them with ONNX Runtime (FP32 and its own dynamic INT8)
 and with OpenVINO (FP32 and NNCF's post-training INT8), and measures every variant the same way: encoder latency, end-to-end frame latency (encoder and
 a decoder call for a fixed number of point prompts), size on disk, peak memory, mIoU against the
-ground truth and agreement with the PyTorch FP32 masks.
+ground truth, agreement with the PyTorch FP32 reference's masks and with the same model's
+PyTorch FP32 masks; choices (`choose`, `best_deployable`) are made on the validation split.
 
 Every variant can be rebuilt from a run folder (`build_variant`), which lets peak memory be
 measured in a fresh process. Exported files go to the run folder, never into the repository.
@@ -44,6 +45,7 @@ OPENVINO_VARIANTS = ("openvino fp32", "openvino int8")  # tiny on OpenVINO; INT8
 EDGE_VARIANTS = ORT_VARIANTS + OPENVINO_VARIANTS
 CALIBRATION_SCENES = 32  # train-split images for NNCF's post-training quantization
 MIOU_SLACK = 0.03  # the chapter's bar: a deployable variant keeps mIoU within 3 points
+MATCH_IOU = 0.9  # a prompt's mask "matches" the reference's when their IoU is at least this
 
 
 class ExportError(ValueError):
@@ -421,24 +423,28 @@ def all_variants(tiny: Sam, run_dir: str | Path, cfg: StackConfig = StackConfig(
 
 
 def bench_deploy(run_dir: str | Path, cfg: StackConfig = StackConfig(), n_eval: int = 30,
-                 repeats: int = 20, memory: bool = True, progress: bool = True) -> dict:
-    """`edgelab bench deploy`: every variant measured in one run, and the best deployable one."""
+                 repeats: int = 20, memory: bool = True, progress: bool = True, n_val: int | None = None) -> dict:
+    """`edgelab bench deploy`: every variant measured in one run, and the best deployable one
+    (chosen on `n_val` validation scenes, `n_eval` if None; reported on eval)."""
     torch.manual_seed(0)
     tiny = models.load_sam("tiny")
     variants = all_variants(tiny, run_dir, cfg, progress)
-    rows = measure(variants, n_eval, repeats, run_dir if memory else None, cfg, progress)
+    n_val = n_eval if n_val is None else n_val
+    rows = measure(variants, n_eval, repeats, run_dir if memory else None, cfg, progress, n_val=n_val)
     rows = with_roofline(rows, variants, roofline.machine_rates())
     best = best_deployable(rows)
     ref = rows[0]
     keep = ("name", "median_s", "iqr_s", "size_mb", "peak_mem_mb", "miou", "agreement", "roofline_s", "of_limit")
     record = bench.bench_record("reference", "trained", [{"label": r["runtime"], **{k: r[k] for k in keep if r.get(k) is not None}}
                                                          for r in rows])
-    record["deploy"] = {"config": asdict(cfg), "eval_scenes": n_eval, "prompts_per_frame": cfg.prompts,
+    record["deploy"] = {"config": asdict(cfg), "eval_scenes": n_eval, "val_scenes": n_val, "prompts_per_frame": cfg.prompts,
                         "median_s_is": "one frame: the image encoder and one decoder call for the prompts",
                         "encoder_s": {r["name"]: r["encoder_s"] for r in rows},
                         "speedup_vs_reference": {r["name"]: r["speedup"] for r in rows},
+                        "same_model_agreement": {r["name"]: r["same_model_agreement"] for r in rows},
+                        "val_miou": {r["name"]: r["val_miou"] for r in rows},
                         "best": {"name": best["name"], "speedup": best["speedup"],
-                                 "miou_drop_points": (ref["miou"] - best["miou"]) * 100},
+                                 "miou_drop_points": (ref["miou"] - best["miou"]) * 100, "chosen_on": "val"},
                         "run_dir": str(Path(run_dir).resolve())}
     return record
 
@@ -476,22 +482,41 @@ def build_variant(name: str, run_dir: str | Path, cfg: StackConfig = StackConfig
 
 # ================================================================ measuring every variant
 
+def same_model(name: str) -> str:
+    """The PyTorch FP32 step that runs the same model as variant `name` (its weights before a
+    runtime or INT8 touched them): `reference` for tiny on any runtime, `student` for the
+    student's, `pruned` for the pruned model's (section "Every variant, measured the same way")."""
+    return roofline_base(name)[0]
+
+
 def accuracy(variants: Mapping[str, Variant], n_eval: int, reference: str = "reference",
-             progress: bool = True) -> dict[str, dict[str, float]]:
-    """mIoU against ground truth (one point per object, the protocol) and agreement (mIoU with
-    `reference`'s masks for the same prompts) of each variant on the first `n_eval` eval scenes."""
-    ds = scenes.SceneDataset("eval", n_eval)
+             progress: bool = True, split: str = "eval") -> dict[str, dict]:
+    """Accuracy of each variant on the first `n_eval` scenes of `split`, one point per object
+    (section "Every variant, measured the same way"):
+
+    - `miou` against the ground truth, and `ious`, its per-object IoUs (for paired differences);
+    - `agreement`: the mean IoU of each prompt's mask with `reference`'s mask for the same prompt;
+    - `same_model_agreement`: the same against the PyTorch FP32 step of the same model
+      (`same_model`: the student on ONNX Runtime against the student in PyTorch), which is what
+      a runtime or INT8 alone changes;
+    - `match_share`: the share of prompts whose mask has IoU >= `MATCH_IOU` with `reference`'s.
+    """
+    ds = scenes.SceneDataset(split, n_eval)
     gt: dict[str, list[float]] = {n: [] for n in variants}
     agree: dict[str, list[float]] = {n: [] for n in variants}
-    for i in tqdm(range(len(ds)), desc="mIoU", disable=not progress, leave=False):
+    own: dict[str, list[float]] = {n: [] for n in variants}
+    for i in tqdm(range(len(ds)), desc=f"mIoU ({split})", disable=not progress, leave=False):
         s = ds.scene(i)
         pts = np.array([evaluate.point_prompt(m) for m in s.masks], np.float32)
-        ref = variants[reference].segment(s.image, pts)
-        for name, v in variants.items():
-            pred = ref if name == reference else v.segment(s.image, pts)
+        preds = {name: v.segment(s.image, pts) for name, v in variants.items()}
+        for name, pred in preds.items():
+            base = preds.get(same_model(name), preds[reference])
             gt[name] += [evaluate.iou(p, g) for p, g in zip(pred, s.masks)]
-            agree[name] += [evaluate.iou(p, r) for p, r in zip(pred, ref)]
-    return {n: {"miou": float(np.mean(gt[n])), "agreement": float(np.mean(agree[n]))} for n in variants}
+            agree[name] += [evaluate.iou(p, r) for p, r in zip(pred, preds[reference])]
+            own[name] += [evaluate.iou(p, r) for p, r in zip(pred, base)]
+    return {n: {"miou": float(np.mean(gt[n])), "ious": gt[n], "agreement": float(np.mean(agree[n])),
+                "same_model_agreement": float(np.mean(own[n])),
+                "match_share": float(np.mean(np.asarray(agree[n]) >= MATCH_IOU))} for n in variants}
 
 
 def peak_memory(names: Sequence[str], run_dir: str | Path, cfg: StackConfig = StackConfig()) -> dict[str, float]:
@@ -517,13 +542,16 @@ def memory_frame(state: None, name: str, run_dir: str, cfg: dict) -> None:
 
 def measure(variants: Mapping[str, Variant], n_eval: int = 30, repeats: int = 20,
             run_dir: str | Path | None = None, cfg: StackConfig = StackConfig(),
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, n_val: int = 0) -> list[dict]:
     """The stack table: one row per variant with encoder and frame latency (interleaved, one
-    run), size on disk, peak memory (if `run_dir` holds the variants' files), mIoU, agreement."""
+    run), size on disk, peak memory (if `run_dir` holds the variants' files), and `accuracy`'s
+    fields on the eval split (reporting). With `n_val`, also `val_miou` and `val_ious` on that
+    many validation scenes: what `choose` and `best_deployable` decide on."""
     # blocks of 5 consecutive frames: the steady state of a video stream (bench.compare's number)
     frames = bench.compare({n: v.frame for n, v in variants.items()}, warmup=2, repeats=repeats, number=5)
     encoders = bench.compare({n: v.encode for n, v in variants.items()}, warmup=1, repeats=repeats, number=5)
     acc = accuracy(variants, n_eval, progress=progress) if n_eval else {}
+    val = accuracy(variants, n_val, progress=progress, split="val") if n_val else {}
     mem = peak_memory(list(variants), run_dir, cfg) if run_dir is not None else {}
     ref = next(iter(variants))
     rows = []
@@ -532,24 +560,27 @@ def measure(variants: Mapping[str, Variant], n_eval: int = 30, repeats: int = 20
                      "median_s": frames[n].median_s, "iqr_s": frames[n].iqr_s,
                      "speedup": frames[ref].median_s / frames[n].median_s, "size_mb": v.size_mb,
                      "peak_mem_mb": mem.get(n), **acc.get(n, {})})
+        if n in val:
+            rows[-1].update(val_miou=val[n]["miou"], val_ious=val[n]["ious"])
     return rows
 
 
 def roofline_base(name: str) -> tuple[str, tuple[str, ...]]:
     """The PyTorch variant whose FLOPs a variant runs, and the FLOP categories it runs in int8:
-    W8A8 in PyTorch quantizes the Linear layers; ONNX Runtime's and OpenVINO's INT8 also the
-    convolutions (so their bound assumes both at the int8 rate)."""
+    W8A8 in PyTorch and ONNX Runtime's dynamic INT8 (`quantize_onnx`: MatMul and Gemm only)
+    quantize the Linear layers; OpenVINO's NNCF INT8 also the convolutions (so its bound assumes
+    both at the int8 rate)."""
     base = "student" if name.startswith("student") else "pruned" if name.startswith("pruned") else "reference"
     if "int8" not in name:
         return base, ()
-    return base, ("Linear/MLP",) if name in PYTORCH_STEPS else ("Linear/MLP", "conv/patch embed")
+    return base, ("Linear/MLP", "conv/patch embed") if name.startswith("openvino") else ("Linear/MLP",)
 
 
 def with_roofline(rows: Sequence[dict], variants: Mapping[str, Variant], rates: Mapping[str, Mapping[str, float]],
                   points: np.ndarray | None = None) -> list[dict]:
     """`measure`'s rows with each frame's lower bound on this machine (`roofline_s`) and the
-    fraction of it reached (`of_limit`), from the frame's FLOPs per dtype (section "Which
-    runtime wins, and how far from the limit")."""
+    fraction of it reached (`of_limit`), from the frame's FLOPs per dtype
+    (section "Which runtime wins, and how far from the limit")."""
     image = scenes.SceneDataset("eval", 1).scene(0).image
     pts = frame_points() if points is None else points
     work = {}
@@ -584,8 +615,9 @@ def runtime_reading(rows: Sequence[dict], machine: Mapping[str, object]) -> str:
 
 def prompt_sweep(makers: Mapping[str, Callable[[np.ndarray], Variant]], counts: Sequence[int] = (1, 4, 16),
                  repeats: int = 10) -> dict[int, dict[str, float]]:
-    """Frame latency against the number of point prompts per frame (section "More prompts per
-    frame"): the decoder runs once per prompt, so its share grows and caps the speed-up."""
+    """Frame latency against the number of point prompts per frame
+    (section "More prompts per frame"): the decoder runs once per prompt, so its share grows
+    and caps the speed-up."""
     out = {}
     for n in counts:
         pts = frame_points(n)
@@ -595,11 +627,114 @@ def prompt_sweep(makers: Mapping[str, Callable[[np.ndarray], Variant]], counts: 
     return out
 
 
-def best_deployable(rows: Sequence[dict], reference: str = "reference", slack: float = MIOU_SLACK) -> dict:
-    """The fastest frame whose mIoU is within `slack` of the reference's (the chapter's bar)."""
+def best_deployable(rows: Sequence[dict], reference: str = "reference", slack: float = MIOU_SLACK,
+                    key: str = "val_miou") -> dict:
+    """The fastest frame whose mIoU (`key`: the validation split's, so that eval stays for
+    reporting) is within `slack` of the reference's: the chapter's bar
+    (section "Every variant, measured the same way")."""
+    _require(rows, key)
     ref = next(r for r in rows if r["name"] == reference)
-    ok = [r for r in rows if r.get("miou") is not None and r["miou"] >= ref["miou"] - slack]
+    ok = [r for r in rows if r.get(key) is not None and r[key] >= ref[key] - slack]
     return min(ok, key=lambda r: r["median_s"])
+
+
+def _require(rows: Sequence[dict], key: str) -> None:
+    if not any(r.get(key) is not None for r in rows):
+        raise ValueError(f"no row has {key!r}: choices are made on the validation split (measure(..., n_val=...))")
+
+
+def within_noise(a: dict, b: dict, ious: str = "val_ious") -> bool:
+    """Whether two variants' mIoU differ by less than the noise: the 95% bootstrap interval of
+    their paired per-object IoU differences (same scenes, same prompts) covers 0. Without
+    per-object IoUs, only equal mIoU is a tie (section "Choosing a model under a latency budget")."""
+    if a.get(ious) is None or b.get(ious) is None or len(a[ious]) != len(b[ious]):
+        return False
+    lo, hi = evaluate.bootstrap_ci(np.asarray(a[ious]) - np.asarray(b[ious]))
+    return bool(lo <= 0.0 <= hi)
+
+
+def paired_points(a: dict, b: dict, ious: str = "val_ious") -> tuple[float, float, float]:
+    """mIoU of `a` minus `b` in points, with its paired 95% bootstrap interval (lo, hi)."""
+    d = np.asarray(a[ious]) - np.asarray(b[ious])
+    lo, hi = evaluate.bootstrap_ci(d)
+    return 100 * float(d.mean()), 100 * lo, 100 * hi
+
+
+def choice_reading(rows: Sequence[dict], pick: dict, reference: str = "reference", slack: float = MIOU_SLACK,
+                   key: str = "val_miou", ious: str = "val_ious") -> str:
+    """Why `best_deployable` picked `pick`, in sentences built from the numbers: the variants
+    that pass the bar on the validation split, and whether `pick`'s mIoU differs from the next
+    fastest of them beyond the noise or ties with it, the tie broken by latency
+    (section "Every variant, measured the same way")."""
+    ref = next(r for r in rows if r["name"] == reference)
+    ok = sorted((r for r in rows if r.get(key) is not None and r[key] >= ref[key] - slack), key=lambda r: r["median_s"])
+    out = [f"Chosen on the validation split ({len(pick.get(ious) or [])} objects): {pick['name']} has the fastest frame "
+           f"({pick['median_s'] * 1e3:.2f} ms) of the {len(ok)} variants within {slack * 100:.0f} points of the "
+           f"reference's val mIoU ({ref[key]:.3f})."]
+    rival = next((r for r in ok if r is not pick), None)
+    if rival is not None and pick.get(ious) is not None and rival.get(ious) is not None:
+        d, lo, hi = paired_points(pick, rival, ious)
+        span = f"{d:+.1f} mIoU points [95% CI {lo:+.1f}, {hi:+.1f}]"
+        if within_noise(pick, rival, ious):
+            out.append(f"The next fastest, {rival['name']} ({rival['median_s'] * 1e3:.2f} ms), differs from it by {span} "
+                       "on val: within the noise, so the choice between them is a tie broken by latency.")
+        else:
+            better = pick["name"] if d > 0 else rival["name"]
+            out.append(f"The next fastest, {rival['name']} ({rival['median_s'] * 1e3:.2f} ms), differs from it by {span} "
+                       f"on val: beyond the noise, {better} is the more accurate of the two.")
+    if pick.get("miou") is not None:
+        out.append(f"Reported on eval: mIoU {pick['miou']:.3f} against the reference's {ref['miou']:.3f}.")
+    return " ".join(out)
+
+
+def stack_reading(rows: Sequence[dict], attention_variant: str = "sdpa") -> str:
+    """What the agreement column means for a user, which variant departs most from the
+    reference, and what the fused step bought, in sentences built from `measure`'s rows
+    (section "Every variant, measured the same way")."""
+    by = {r["name"]: r for r in rows}
+    ref = rows[0]
+    worst = min(rows, key=lambda r: r["agreement"])
+    exact = [r["name"] for r in rows if r["agreement"] >= 0.999 and r is not ref]
+    out = [f"Agreement is the mean IoU between a variant's mask and the PyTorch FP32 reference's mask for the same "
+           f"prompt. For a user, the share of prompts that match (IoU {MATCH_IOU} or more with the reference's mask) "
+           f"says how often the variant returns the mask the reference would have. {worst['name']} departs most: "
+           f"agreement {worst['agreement']:.3f}, {worst['match_share']:.0%} of its prompts matched, mIoU "
+           f"{worst['miou']:.3f} against the reference's {ref['miou']:.3f}."]
+    if exact:
+        out.append(f"Same masks as the reference (agreement 0.999 or more): {', '.join(exact)}.")
+    for name in ("student", "pruned"):
+        if name in by and by[name] is not worst:
+            out.append(f"{name}: agreement {by[name]['agreement']:.3f}, {by[name]['match_share']:.0%} of prompts matched.")
+    if "fused" in by:
+        f = by["fused"]
+        gap, spread = f["median_s"] - ref["median_s"], max(f["iqr_s"], ref["iqr_s"])
+        verdict = ("within the timing spread of the reference's" if abs(gap) <= spread
+                   else "faster than the reference's" if gap < 0 else "slower than the reference's")
+        out.append(f"The fused step (chapter 01's `{attention_variant}` attention) runs the frame in "
+                   f"{f['median_s'] * 1e3:.2f} ms against {ref['median_s'] * 1e3:.2f} ms ({f['speedup']:.2f}x, "
+                   f"interquartile spread up to {spread * 1e3:.2f} ms): {verdict}.")
+    return " ".join(out)
+
+
+def runtime_agreement_reading(rows: Sequence[dict]) -> str:
+    """Each runtime and INT8 row against the PyTorch FP32 step of the same model (`same_model`),
+    kept apart from what distillation or pruning changed (agreement with the tiny reference),
+    in sentences built from the numbers (section "ONNX Runtime against PyTorch")."""
+    by = {r["name"]: r for r in rows}
+    edge = [r for r in rows if r["name"] in EDGE_VARIANTS and "same_model_agreement" in r]
+    out = []
+    if edge:
+        out.append("Agreement with the same model in PyTorch FP32 (tiny's reference or the student): "
+                   + ", ".join(f"{r['name']} {r['same_model_agreement']:.3f}" for r in edge) + ".")
+        worst = min(edge, key=lambda r: r["same_model_agreement"])
+        out.append(f"Of the runtime rows, {worst['name']} departs most from its own PyTorch model "
+                   f"({worst['same_model_agreement']:.3f}).")
+    if "student" in by:
+        s = by["student"]
+        out.append(f"The student itself agrees with tiny's masks at {s['agreement']:.3f} ({s['match_share']:.0%} of "
+                   f"prompts matched at IoU {MATCH_IOU}): that is distillation's departure, which every runtime of "
+                   "the student inherits, not the runtime's.")
+    return " ".join(out)
 
 
 def stack_table(rows: Sequence[dict]) -> str:
@@ -617,27 +752,43 @@ def stack_table(rows: Sequence[dict]) -> str:
 
 # ================================================================ choosing under a budget
 
-def choose(rows: Sequence[dict], budget_s: float, latency: Mapping[str, float] | None = None) -> dict | None:
+def choose(rows: Sequence[dict], budget_s: float, latency: Mapping[str, float] | None = None,
+           key: str = "val_miou", ious: str = "val_ious") -> dict | None:
     """The most accurate variant whose frame fits `budget_s` (section "Choosing a model under a latency budget").
 
+    Accuracy is `key`, the validation split's mIoU (eval is for reporting). The variants whose
+    mIoU is within the noise of the most accurate one's (`within_noise`, from the per-object
+    IoUs in `ious`) tie with it, and the tie goes to the fastest. Returns a copy of the chosen
+    row with `tied`: the tied variants' names, fastest first (the choice alone: no tie).
     `latency` overrides the rows' measured `median_s` (e.g. re-measured on a busier machine).
-    Ties in mIoU go to the faster. None when nothing fits.
+    None when nothing fits.
     """
+    _require(rows, key)
     lat = {r["name"]: (latency or {}).get(r["name"], r["median_s"]) for r in rows}
-    fits = [r for r in rows if lat[r["name"]] <= budget_s and r.get("miou") is not None]
-    return max(fits, key=lambda r: (r["miou"], -lat[r["name"]])) if fits else None
+    fits = [r for r in rows if lat[r["name"]] <= budget_s and r.get(key) is not None]
+    if not fits:
+        return None
+    top = max(fits, key=lambda r: (r[key], -lat[r["name"]]))
+    tied = sorted((r for r in fits if r is top or within_noise(r, top, ious)), key=lambda r: lat[r["name"]])
+    return {**tied[0], "tied": [r["name"] for r in tied]}
 
 
 def budget_table(rows: Sequence[dict], budgets_s: Iterable[float],
-                 latency: Mapping[str, float] | None = None) -> list[dict]:
-    """For each budget: the chosen variant, its latency and the mIoU paid against the best row."""
-    best = max(r["miou"] for r in rows if r.get("miou") is not None)
+                 latency: Mapping[str, float] | None = None, key: str = "val_miou",
+                 ious: str = "val_ious") -> list[dict]:
+    """For each budget: the chosen variant (`choose`, on the validation split), its latency, its
+    val and eval mIoU, the variants it tied with, and the eval mIoU paid against the variant
+    with the best val mIoU overall."""
+    _require(rows, key)
+    best = max((r for r in rows if r.get(key) is not None), key=lambda r: r[key])
     out = []
     for b in budgets_s:
-        c = choose(rows, b, latency)
+        c = choose(rows, b, latency, key, ious)
         lat = None if c is None else (latency or {}).get(c["name"], c["median_s"])
+        paid = None if c is None or c.get("miou") is None or best.get("miou") is None else best["miou"] - c["miou"]
         out.append({"budget_s": b, "choice": None if c is None else c["name"], "median_s": lat,
-                    "miou": None if c is None else c["miou"], "paid": None if c is None else best - c["miou"]})
+                    "val_miou": None if c is None else c[key], "miou": None if c is None else c.get("miou"),
+                    "tied": [] if c is None else c["tied"], "paid": paid})
     return out
 
 

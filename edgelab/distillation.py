@@ -539,6 +539,45 @@ def students_table(teacher: Sam, students: dict[str, Sam], n_eval: int = 20, rep
     return rows
 
 
+def students_reading(rows: list[dict]) -> str:
+    """The reading of the students table (section "The slides' table on our models"), generated from its rows.
+
+    Arguments:
+        rows: `students_table`'s rows; the one named "teacher" is the reference.
+    Returns:
+        Sentences naming the student that keeps the most of the teacher's mIoU per millisecond of
+        encoder time (its share of the teacher's mIoU and its speed-up), the most accurate student
+        when that is another one, and the students whose agreement with the teacher's masks is
+        below their own mIoU against the ground truth.
+    """
+    teacher = next((r for r in rows if r["name"] == "teacher"), None)
+    students = [r for r in rows if r["name"] != "teacher"]
+    if teacher is None or not students:
+        raise ValueError("the students table needs a row named 'teacher' and at least one student")
+
+    def kept(r: dict) -> float:
+        return r["miou"] / teacher["miou"] if teacher["miou"] > 0 else 0.0
+
+    def pace(r: dict) -> str:
+        s = teacher["median_s"] / r["median_s"]
+        return f"{s:.2f}x faster than" if s >= 1 else f"{1 / s:.2f}x slower than"
+
+    best = max(students, key=lambda r: kept(r) / r["median_s"])
+    text = (f"Per millisecond of encoder time, {best['name']} keeps the most of the teacher's mIoU: {kept(best):.0%} of it "
+            f"({best['miou']:.3f} against {teacher['miou']:.3f}) in {best['median_s'] * 1e3:.2f} ms, {pace(best)} "
+            f"the teacher's encoder ({teacher['median_s'] * 1e3:.2f} ms).")
+    top = max(students, key=lambda r: r["miou"])
+    if top["miou"] > best["miou"]:
+        text += (f" The most accurate student is {top['name']} ({kept(top):.0%} of the teacher's mIoU, "
+                 f"{pace(top)} the teacher).")
+    else:
+        text += " No student is more accurate than it."
+    below = [r["name"] for r in students if r["agreement"] < r["miou"]]
+    text += (f" Agreement with the teacher's masks is below the mIoU against the ground truth for {', '.join(below)}."
+             if below else " Every student agrees with the teacher's masks at least as well as with the ground truth.")
+    return text
+
+
 def bench_distill(teacher: Sam, students: dict[str, Sam], scenes: int = 20, repeats: int = 30,
                   progress: bool = False) -> dict:
     """`edgelab bench distill`: `students_table` as a bench record, with each student's mIoU as a

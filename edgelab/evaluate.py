@@ -212,6 +212,26 @@ def four_masks(predictor: SamPredictor, points=None, boxes=None) -> tuple[torch.
 
 
 @torch.no_grad()
+def kept_masks(model: Sam, n: int, split: str = "val") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every object of the first `n` scenes of `split`, one point per object (the protocol):
+    the predicted IoU of the mask SAM keeps, that mask's area in pixels and its true IoU. What a
+    labelling tool knows of its masks, and what it does not (notebook 00, exercise "a review queue")."""
+    predictor = SamPredictor(model)
+    pred, area, true = [], [], []
+    for s in (scenes_mod.SceneDataset(split, n).scene(i) for i in range(n)):
+        predictor.set_image(s.image)
+        pts = np.array([point_prompt(m) for m in s.masks], np.float32)[:, None, :]
+        pts = torch.as_tensor(predictor.transform.apply_coords(pts, s.image.shape[:2]), dtype=torch.float)
+        masks, scores, _ = predictor.predict_torch(pts, torch.ones(pts.shape[:2], dtype=torch.int), multimask_output=True)
+        best = scores.argmax(dim=1)
+        for m, score, gt in zip(masks[torch.arange(len(best)), best].cpu().numpy(), scores.max(dim=1).values.tolist(), s.masks):
+            pred.append(score)
+            area.append(int(m.sum()))
+            true.append(iou(m, gt))
+    return np.array(pred), np.array(area), np.array(true)
+
+
+@torch.no_grad()
 def mask_choice(model: Sam, n: int | None = None, split: str = "eval",
                 progress: bool = True) -> tuple[dict[str, EvalResult], float]:
     """What SAM's choice among its three masks costs for one point per object (notebook 00,

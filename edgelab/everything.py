@@ -341,3 +341,28 @@ def runtime_model(sam: Sam, run_dir: str | Path, runtime: str = "onnxruntime", p
         return torch.from_numpy(low), torch.from_numpy(iou)
 
     return proxy, decode
+
+
+def runtime_reading(rows: Sequence[dict], base: str = "fast, coarse to fine",
+                    runtimes: Sequence[str] = ("onnxruntime", "openvino")) -> str:
+    """Each edge runtime's decoder batches against PyTorch's on the same points (the row named
+    `base`; a runtime's row is named "<runtime>, " + `base`), and whether its recall and mask AP
+    moved, in sentences built from `bench_everything`'s rows
+    (notebook 05, section "Segment everything on a CPU"). A ratio within 5% reads as about the same."""
+    by = {r["name"]: r for r in rows}
+    if base not in by:
+        return ""
+    ref, out = by[base], []
+    for rt in runtimes:
+        r = by.get(f"{rt}, {base}")
+        if r is None:
+            continue
+        ratio = r["decoder_s"] / ref["decoder_s"]
+        verdict = "cheaper than" if ratio < 0.95 else "dearer than" if ratio > 1.05 else "about the same as"
+        scores = (("recall_50", "recall@0.5"), ("recall_75", "recall@0.75"), ("mask_ap", "mask AP"))
+        moved = [f"{label} {r[k]:.3f} vs {ref[k]:.3f}" for k, label in scores if abs(r[k] - ref[k]) > 1e-9]
+        quality = ("the same recall and mask AP" if not moved else ", ".join(moved))
+        out.append(f"On {rt} the decoder batches cost {r['decoder_s']:.3f} s per image against PyTorch's "
+                   f"{ref['decoder_s']:.3f} s on the same points ({ratio:.2f}x): {verdict} PyTorch's decoder; "
+                   f"{r['median_s']:.2f} s against {ref['median_s']:.2f} s per image in all; {quality}.")
+    return " ".join(out)

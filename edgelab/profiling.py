@@ -15,7 +15,7 @@ import torch
 from segment_anything.modeling import image_encoder as sam_encoder
 from segment_anything.modeling.common import LayerNorm2d, MLPBlock
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
 
 CATEGORIES = ("attention matmuls", "softmax", "rel-pos bias", "Linear/MLP", "conv/patch embed", "norms", "other")
 _STACK: list[str] = []  # the categories of the scopes open now, innermost last
@@ -28,10 +28,16 @@ _SOFTMAX_OPS = {"softmax", "_softmax", "safe_softmax", "_safe_softmax"}
 
 @contextlib.contextmanager
 def scope(category: str) -> Iterator[None]:
-    """Label the ops inside for `profile_categories` and `flop_categories` (cheap when unused)."""
+    """Label the ops inside for `profile_categories` and `flop_categories` (cheap when unused).
+
+    Under `torch.compile` the profiler label is left out: Dynamo ignores `record_function` anyway
+    and would log a warning saying so (the `compiled` variant of notebook 01 traces these scopes).
+    """
     _STACK.append(category)
+    label = (contextlib.nullcontext() if torch.compiler.is_compiling()
+             else torch.profiler.record_function(f"edgelab::{category}"))
     try:
-        with torch.profiler.record_function(f"edgelab::{category}"):
+        with label:
             yield
     finally:
         _STACK.pop()
@@ -125,6 +131,21 @@ def profile_categories(module: torch.nn.Module, *inputs: torch.Tensor,
         us = (getattr(ev, "self_device_time_total", None) or 0) if on_gpu else ev.self_cpu_time_total
         seconds[_event_category(ev)] += us / 1e6
     return seconds, out
+
+
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of SDPA's CPU kernel: the two matmuls, as torch counts its GPU kernels."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+if _CPU_SDPA not in flop_registry:
+    # torch.utils.flop_counter has formulas for SDPA's GPU kernels only, so on a CPU the `sdpa`
+    # and `fused` variants counted zero attention FLOPs (notebooks 01 and 05); this fills the gap
+    # for FlopCounterMode (bench.count_macs) and for the counter below alike.
+    register_flop_formula(_CPU_SDPA)(_cpu_sdpa_flop)
 
 
 class _FlopsByCategory(TorchDispatchMode):

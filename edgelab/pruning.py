@@ -5,7 +5,7 @@ documents: rank a layer's output channels by the Frobenius norm of their filters
 lowest fraction, and fine-tune. Sections of the notebook and the functions that go with them:
   - "Channels by hand": frobenius_norms, rank_channels, n_kept, keep_indices, prune_linear_pair,
     prune_conv_pair;
-  - "Fine-grained pruning, for contrast": magnitude_sparsify;
+  - "Fine-grained pruning, for contrast": magnitude_sparsify, sparsified_copy;
   - "The same ranking in torch-pruning": torch_pruning_importance;
   - "Pruning SAM's encoder": PrunePlan, prune_encoder (torch-pruning for MLP / embedding / neck
     channels, SAM's attention heads and head channels by hand), architecture, save_pruned,
@@ -142,6 +142,32 @@ def magnitude_sparsify(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
         return w.clone()
     threshold = w.abs().flatten().kthvalue(k).values
     return torch.where(w.abs() > threshold, w, torch.zeros_like(w))
+
+
+SPARSIFY_LAYERS = {"mlp": ("lin1", "lin2"), "attn": ("qkv", "proj")}  # per block: the weights each kind zeroes
+
+
+def sparsified_copy(sam: Sam, sparsity: float, kinds: Iterable[str] = ("mlp",)) -> Sam:
+    """A deep copy of `sam` with fine-grained pruning in its image encoder (the original is untouched).
+
+    In every block, each weight matrix of the selected kinds ("mlp": lin1 and lin2; "attn": qkv
+    and proj) has its smallest-|w| fraction `sparsity` of entries zeroed, layer by layer
+    (magnitude_sparsify). Shapes, biases and all other layers stay. Notebook 02,
+    "Fine-grained pruning, for contrast": the accuracy side of zeroing weights vs removing channels.
+    """
+    kinds = tuple(kinds)
+    unknown = set(kinds) - set(SPARSIFY_LAYERS)
+    if unknown:
+        raise ValueError(f"unknown kinds {sorted(unknown)}: choose from {', '.join(SPARSIFY_LAYERS)}")
+    out = copy.deepcopy(sam)
+    with torch.no_grad():
+        for block in out.image_encoder.blocks:
+            for kind in kinds:
+                module = block.mlp if kind == "mlp" else block.attn
+                for name in SPARSIFY_LAYERS[kind]:
+                    layer = getattr(module, name)
+                    layer.weight.copy_(magnitude_sparsify(layer.weight, sparsity))
+    return out.eval()
 
 
 # ---------------------------------------------------------------- torch-pruning's ranking

@@ -1,14 +1,15 @@
 """Chapter 03: linear quantization, by hand and then with integer kernels that pay on a CPU.
 
 Sections of notebooks/03_linear_quantization.ipynb and the functions that carry them:
-  - "r = S (q − Z) by hand": linear_quantize, linear_dequantize, quantization_error;
-  - "Weights and activations, with the grid": capture_activations (histograms in the notebook);
-  - "Post-training quantization of the encoder": fake_quantize_weights (weight-only INT8/INT4),
-    Int8Linear and quantize_w8a8 (W8A8 dynamic, a real int8 GEMM), quantize_ao_dynamic,
-    quantize_torchao, calibrate / quantize_static (static activations, min/max or percentile),
-    bf16 via models.BF16Encoder;
-  - "Post-training quantization of SAM": quant_table, make_variant, encoder_error (sizes from bench.size_mb);
-  - "Sensitivity and mixed precision": block_sensitivity, mixed_precision.
+  - "r = S (q − Z) by hand": linear_quantize, linear_dequantize, torch_quantize (the check);
+  - "What rounding costs": quantization_error, qrange, capture_activations (histograms in the notebook);
+  - "Post-training quantization of SAM": quant_table, make_variant, encoder_error (sizes from
+    bench.size_mb), fake_quantize_weights (weight-only INT8/INT4), models.BF16Encoder; its
+    "Static activation quantization": calibrate / quantize_static (min/max or percentile);
+  - "Which INT8 kernel, and SAM's real encoder": Int8Linear and quantize_w8a8 (W8A8 dynamic, a real
+    int8 GEMM), quantize_ao_dynamic, quantize_torchao;
+  - "Table 3: pruning, then INT8" and "Against the limit": quantize_w8a8, roofline_kind;
+  - "Sensitivity and mixed precision": block_sensitivity, layer_groups, mixed_precision.
 Rule used throughout: a b-bit integer lives in [-2^(b-1), 2^(b-1) - 1]; symmetric quantization
 has zero point 0 and uses [-(2^(b-1) - 1), 2^(b-1) - 1] so that +x and -x quantize alike.
 """

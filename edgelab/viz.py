@@ -77,6 +77,88 @@ def latency_miou(rows: Sequence[dict], ax=None, title: str = "latency vs mIoU") 
     return ax
 
 
+# label offsets tried in turn (points from the marker): beside it first, then further up and down
+_LABEL_OFFSETS = [(5, 3), (5, -10), (-5, 3), (-5, -10)] + [(8, dy) for k in range(1, 7) for dy in (12 * k + 3, -12 * k - 10)]
+
+
+def place_labels(ax: plt.Axes, xs: Sequence[float], ys: Sequence[float], labels: Sequence[str],
+                 fontsize: float = 8) -> list:
+    """Label each point (data coordinates) where its text overlaps no other label, no marker and
+    no legend, inside the axes: the first free offset of `_LABEL_OFFSETS`, with a thin leader line
+    when the label had to move away from its point (the last offset if none is free).
+    Deterministic (points taken left to right); call it after the axes' scales, limits and
+    layout are final (notebook 05, section "Every variant, measured the same way")."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer() if hasattr(fig.canvas, "get_renderer") else fig._get_renderer()
+    marks = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
+    frame = ax.get_window_extent(renderer)
+    r = 3.5 * fig.dpi / 72  # a marker's half-width in pixels (markers of about 40 points^2)
+    legend = ax.get_legend()
+    taken = [legend.get_window_extent(renderer)] if legend is not None else []  # pixel boxes in use
+    order = sorted(range(len(labels)), key=lambda i: (xs[i], -ys[i]))
+    out = []
+    for i in order:
+        ann = None
+        for dx, dy in _LABEL_OFFSETS:
+            if ann is not None:
+                ann.remove()
+            ann = ax.annotate(labels[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points",
+                              fontsize=fontsize, ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")
+            box = _padded(ann.get_window_extent(renderer))
+            hits_label = any(box.overlaps(t) for t in taken)
+            hits_mark = any(box.x0 - r < mx < box.x1 + r and box.y0 - r < my < box.y1 + r for mx, my in marks)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not hits_label and not hits_mark:
+                break
+        if abs(dy) > 10:  # moved away from its point: a leader line shows whose label it is
+            ann.remove()
+            ann = ax.annotate(labels[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points",
+                              fontsize=fontsize, ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top",
+                              arrowprops=dict(arrowstyle="-", lw=0.5, color="grey", shrinkA=0, shrinkB=3))
+            box = _padded(ann.get_window_extent(renderer))
+        taken.append(box)
+        out.append(ann)
+    return out
+
+
+def _padded(box, px: float = 6.0, py: float = 1.5):
+    """A label's pixel box grown by a margin, so that neighbouring labels never touch."""
+    from matplotlib.transforms import Bbox
+    return Bbox.from_extents(box.x0 - px, box.y0 - py, box.x1 + px, box.y1 + py)
+
+
+def frame_pareto(rows: Sequence[dict], best: dict, bar: float, ax: plt.Axes | None = None) -> plt.Axes:
+    """Notebook 05's plot: frame latency (ms, log x) against mIoU for every variant, circles for
+    PyTorch and squares for the edge runtimes, `best` in red, the Pareto front dashed and the
+    chapter's mIoU bar dotted; labels placed by `place_labels`
+    (notebook 05, section "Every variant, measured the same way")."""
+    ax = ax or plt.figure(figsize=(7.5, 4.2)).gca()
+    xs = [r["median_s"] * 1e3 for r in rows]
+    ys = [r["miou"] for r in rows]
+    for r, x, y in zip(rows, xs, ys):
+        ax.scatter(x, y, s=40, marker="o" if r["runtime"] == "pytorch" else "s",
+                   color="C3" if r["name"] == best["name"] else ("C0" if r["runtime"] == "pytorch" else "C2"), zorder=3)
+    pareto, top = [], -1.0
+    for r in sorted(rows, key=lambda r: r["median_s"]):
+        if r["miou"] > top:
+            pareto.append(r)
+            top = r["miou"]
+    ax.plot([r["median_s"] * 1e3 for r in pareto], [r["miou"] for r in pareto], "k--", lw=0.8, label="Pareto front")
+    ax.axhline(bar, color="grey", lw=0.8, ls=":", label="reference mIoU - 3 points")
+    ax.set_xscale("log")
+    lo, hi = min(xs), max(xs)
+    ax.set_xlim(lo / 1.25, hi * 1.6)  # room for the labels of the slowest points
+    ax.margins(y=0.2)
+    _readable_axes(ax)
+    ax.set_xlabel("frame latency (ms, log scale)")
+    ax.set_ylabel("mIoU (eval, one point per object)")
+    ax.set_title("latency vs mIoU (circles PyTorch, squares edge runtimes, red the best deployable)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.figure.tight_layout()
+    place_labels(ax, xs, ys, [r["name"] for r in rows])
+    return ax
+
+
 def _readable_axes(ax: plt.Axes, min_span: float = 0.02) -> None:
     """Log latency axis with plain numbers (also on minor ticks when the panel spans under a
     decade), and an mIoU axis at least `min_span` tall: variants that agree to 1e-7 (exact

@@ -88,3 +88,27 @@ def test_hint_tiers_rise_per_exercise_and_reset():
     checks.reset_hints("tiers")
     with pytest.raises(checks.ExerciseError, match="the concept"):
         checks.fail("tiers", "wrong", hint)
+
+
+def test_review_queue_check_passes_the_head_rule_and_catches_weak_ones():
+    from edgelab import checks
+
+    def by_head(pred_iou, area, budget):
+        flags = np.zeros(len(pred_iou), bool)
+        flags[np.argsort(pred_iou)[:int(budget * len(pred_iou))]] = True
+        return flags
+
+    checks.check_review_queue(by_head)
+    with pytest.raises(checks.ExerciseError, match="over the budget"):
+        checks.check_review_queue(lambda p, a, b: p < 0.99)  # a fixed threshold ignores the budget
+    with pytest.raises(checks.ExerciseError, match="the target is"):
+        checks.check_review_queue(lambda p, a, b: np.zeros(len(p), bool))  # flags nothing
+
+
+def test_kept_masks_are_the_protocols_masks():
+    from edgelab import evaluate, models
+    pred, area, true = evaluate.kept_masks(models.load_sam("tiny"), 3, "val")
+    assert pred.shape == area.shape == true.shape and len(true) > 3
+    assert ((0 <= true) & (true <= 1)).all() and (area >= 0).all()
+    res = evaluate.evaluate_scenes(models.load_sam("tiny"), 3, "point", split="val", progress=False)
+    assert np.allclose(sorted(true), sorted(res.per_object))  # the same kept masks as the protocol's score

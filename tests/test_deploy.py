@@ -134,17 +134,122 @@ def test_export_errors_are_clear(tiny, tmp_path):
         EdgePredictor(str(bare), str(bare))
 
 
+def _val_row(name, median_s, miou, ious=None):
+    return {"name": name, "median_s": median_s, "val_miou": miou, "miou": miou - 0.01,
+            **({"val_ious": ious} if ious is not None else {})}
+
+
 def test_choose_and_budget_table():
-    rows = [{"name": "reference", "median_s": 0.020, "miou": 0.62}, {"name": "pruned", "median_s": 0.012, "miou": 0.57},
-            {"name": "student", "median_s": 0.004, "miou": 0.60}]
+    rows = [_val_row("reference", 0.020, 0.62), _val_row("pruned", 0.012, 0.57), _val_row("student", 0.004, 0.60)]
     assert deploy.choose(rows, 0.05)["name"] == "reference"
     assert deploy.choose(rows, 0.015)["name"] == "student"  # faster and better than pruned
     assert deploy.choose(rows, 0.001) is None
     assert deploy.choose(rows, 0.015, latency={"student": 0.03})["name"] == "pruned"  # a busier machine
     table = deploy.budget_table(rows, [0.001, 0.005, 0.05])
     assert [t["choice"] for t in table] == [None, "student", "reference"]
-    assert table[1]["paid"] == pytest.approx(0.02)
+    assert table[1]["paid"] == pytest.approx(0.02)  # eval mIoU paid against the best on val
+    assert table[1]["val_miou"] == 0.60 and table[1]["miou"] == pytest.approx(0.59)
     assert deploy.best_deployable(rows)["name"] == "student"
+
+
+def test_choices_are_made_on_the_validation_split():
+    """Eval is for reporting: a row without a validation mIoU cannot be chosen, and the eval mIoU does not decide."""
+    rows = [{"name": "reference", "median_s": 0.02, "miou": 0.62}, {"name": "student", "median_s": 0.004, "miou": 0.60}]
+    with pytest.raises(ValueError, match="validation split"):
+        deploy.choose(rows, 0.05)
+    with pytest.raises(ValueError, match="validation split"):
+        deploy.best_deployable(rows)
+    rows = [{**rows[0], "val_miou": 0.60}, {**rows[1], "val_miou": 0.61}]  # on val the student is the better
+    assert deploy.choose(rows, 0.05)["name"] == "student"
+
+
+def test_a_difference_within_the_noise_is_a_tie_broken_by_latency():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 1.0, 300)
+    rows = [_val_row("slow", 0.020, float(base.mean()), base.tolist()),
+            _val_row("fast", 0.005, float(base.mean()) - 0.002, (base - rng.normal(0.002, 0.05, 300)).tolist()),
+            _val_row("bad", 0.001, float(base.mean()) - 0.2, (base - 0.2).tolist())]
+    assert deploy.within_noise(rows[0], rows[1]) and not deploy.within_noise(rows[0], rows[2])
+    pick = deploy.choose(rows, 0.05)
+    assert pick["name"] == "fast" and pick["tied"] == ["fast", "slow"]  # "slow" is more accurate, but not beyond the noise
+    assert deploy.choose(rows, 0.003)["tied"] == ["bad"]
+    table = deploy.budget_table(rows, [0.05])
+    assert table[0]["choice"] == "fast" and table[0]["tied"] == ["fast", "slow"]
+    rows[2]["val_miou"] = rows[0]["val_miou"]  # "bad" passes the bar on val: the fastest that passes
+    text = deploy.choice_reading(rows, deploy.best_deployable(rows, reference="slow"), reference="slow")
+    assert text.startswith("Chosen on the validation split (300 objects): bad")
+    assert "beyond the noise" in text and "Reported on eval" in text
+    rows[2]["val_ious"] = rows[1]["val_ious"]
+    text = deploy.choice_reading(rows, deploy.best_deployable(rows, reference="slow"), reference="slow")
+    assert "tie broken by latency" in text
+
+
+def test_same_model_names_the_pytorch_fp32_step():
+    assert deploy.same_model("student ort fp32") == "student" and deploy.same_model("ort int8") == "reference"
+    assert deploy.same_model("pruned+int8") == "pruned" and deploy.same_model("openvino fp32") == "reference"
+
+
+def test_accuracy_compares_a_runtime_with_the_same_model(tiny):
+    """A student on a runtime is compared with the student in PyTorch, not with tiny."""
+    s = scenes.SceneDataset("val", 1).scene(0)
+    pts = deploy.frame_points(1)
+    other = models.load_sam("tiny")
+    with torch.no_grad():
+        for p in other.mask_decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    vs = {"reference": deploy.torch_variant("reference", tiny, s.image, pts),
+          "student": deploy.torch_variant("student", other, s.image, pts),
+          "student ort fp32": deploy.torch_variant("student ort fp32", other, s.image, pts)}
+    acc = deploy.accuracy(vs, 1, progress=False, split="val")
+    assert acc["student ort fp32"]["same_model_agreement"] == 1.0  # the same model's masks
+    assert acc["student ort fp32"]["agreement"] == acc["student"]["agreement"] < 1.0  # against tiny
+    assert acc["reference"]["match_share"] == 1.0 and len(acc["reference"]["ious"]) == len(s.masks)
+
+
+def _row(name, runtime, ms, miou, agree, own=None, match=None, iqr=0.0005):
+    return {"name": name, "runtime": runtime, "median_s": ms / 1e3, "iqr_s": iqr, "speedup": 16.0 / ms, "miou": miou,
+            "agreement": agree, "same_model_agreement": agree if own is None else own,
+            "match_share": agree if match is None else match}
+
+
+def test_readings_follow_the_numbers():
+    rows = [_row("reference", "pytorch", 16.0, 0.77, 1.0), _row("fused", "pytorch", 16.3, 0.77, 1.0),
+            _row("pruned", "pytorch", 12.6, 0.57, 0.61, match=0.2), _row("student", "pytorch", 7.6, 0.76, 0.82, 1.0, 0.4),
+            _row("student ort fp32", "onnxruntime", 4.8, 0.76, 0.82, 0.999), _row("ort int8", "onnxruntime", 10.7, 0.77, 0.98)]
+    text = deploy.stack_reading(rows, "sdpa")
+    assert "pruned departs most: agreement 0.610, 20% of its prompts matched" in text
+    assert "Same masks as the reference (agreement 0.999 or more): fused." in text
+    assert "within the timing spread" in text
+    rows[1]["median_s"] = 0.020
+    assert "slower than the reference's" in deploy.stack_reading(rows, "sdpa")
+    text = deploy.runtime_agreement_reading(rows)
+    assert "student ort fp32 0.999, ort int8 0.980." in text
+    assert "ort int8 departs most from its own PyTorch model (0.980)" in text
+    assert "agrees with tiny's masks at 0.820" in text
+
+
+def test_frame_pareto_labels_do_not_overlap():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+    from edgelab import viz
+    pts = [("reference", 16.15, 0.774), ("fused", 16.41, 0.774), ("pruned", 12.61, 0.570), ("pruned+int8", 14.58, 0.569),
+           ("student", 7.63, 0.758), ("student+int8", 8.98, 0.759), ("ort fp32", 13.97, 0.774), ("ort int8", 10.70, 0.776),
+           ("student ort fp32", 4.83, 0.758), ("student ort int8", 4.41, 0.757), ("openvino fp32", 10.80, 0.774),
+           ("openvino int8", 7.38, 0.773)]
+    rows = [{"name": n, "runtime": "pytorch" if n in deploy.PYTORCH_STEPS else "onnxruntime", "median_s": t / 1e3, "miou": m}
+            for n, t, m in pts]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    viz.frame_pareto(rows, rows[9], 0.744, ax=ax)
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts if t.get_text() in {n for n, _, _ in pts}]
+    assert sorted(t.get_text() for t in labels) == sorted(n for n, _, _ in pts)
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]  # the text alone, without its leader line
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    frame = ax.get_window_extent(renderer)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    plt.close(fig)
 
 
 def test_drift_times_every_variant_at_every_load():
@@ -180,7 +285,8 @@ def test_bench_deploy_cli(tmp_path):
     by = {v["name"]: v for v in rec["variants"]}
     assert by["ort fp32"]["agreement"] >= 0.99 and by["openvino fp32"]["agreement"] >= 0.99
     assert by["openvino int8"]["label"] == "openvino" and by["openvino int8"]["size_mb"] < by["openvino fp32"]["size_mb"]
-    assert rec["deploy"]["best"]["name"] in names
+    assert rec["deploy"]["best"]["name"] in names and rec["deploy"]["best"]["chosen_on"] == "val"
+    assert set(rec["deploy"]["val_miou"]) == set(names) and rec["deploy"]["same_model_agreement"]["student ort fp32"] >= 0.99
     assert (tmp_path / "student_encoder_int8.onnx").is_file()
     code, _, err = run_cli("bench", "deploy", "--out", str(tmp_path), "--prune-ratio", "1.5", "--json")
     assert code == 2 and err.strip().startswith("edgelab: error: prune_ratio")
@@ -189,8 +295,10 @@ def test_bench_deploy_cli(tmp_path):
 def test_roofline_base_names_the_fp32_model_and_its_int8_layers():
     assert deploy.roofline_base("fused") == ("reference", ())
     assert deploy.roofline_base("pruned+int8") == ("pruned", ("Linear/MLP",))
-    assert deploy.roofline_base("student ort int8") == ("student", ("Linear/MLP", "conv/patch embed"))
-    assert deploy.roofline_base("openvino int8")[0] == "reference"
+    # ONNX Runtime's dynamic INT8 quantizes MatMul and Gemm only: its convolutions stay fp32
+    assert deploy.roofline_base("student ort int8") == ("student", ("Linear/MLP",))
+    assert deploy.roofline_base("ort int8") == ("reference", ("Linear/MLP",))
+    assert deploy.roofline_base("openvino int8") == ("reference", ("Linear/MLP", "conv/patch embed"))
 
 
 def test_runtime_reading_follows_the_numbers():

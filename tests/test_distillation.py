@@ -248,3 +248,21 @@ def test_resnet18_stems_land_on_the_same_grid(teacher):
     assert D.make_student(teacher, "resnet18").image_encoder.input_size == 256  # no resampling
     with pytest.raises(ValueError, match="unknown stem"):
         D.resnet18_trunk(stem="vit")
+
+
+def test_students_reading_follows_the_numbers():
+    teacher = {"name": "teacher", "median_s": 0.016, "miou": 0.80, "agreement": 1.0}
+    fast = {"name": "fast", "median_s": 0.004, "miou": 0.40, "agreement": 0.45}
+    good = {"name": "good", "median_s": 0.005, "miou": 0.76, "agreement": 0.70}
+    text = D.students_reading([teacher, fast, good])
+    assert text.startswith("Per millisecond of encoder time, good keeps the most of the teacher's mIoU: 95% of it")
+    assert "3.20x faster than the teacher's encoder" in text and "No student is more accurate than it." in text
+    assert text.endswith("below the mIoU against the ground truth for good.")
+    slow = {"name": "slow", "median_s": 0.032, "miou": 0.79, "agreement": 0.9}
+    text = D.students_reading([teacher, fast, slow])  # 50% in 4 ms beats 99% in 32 ms
+    assert "fast keeps the most" in text and "4.00x faster than" in text
+    assert "The most accurate student is slow (99% of the teacher's mIoU, 2.00x slower than the teacher)." in text
+    assert text.endswith("Every student agrees with the teacher's masks at least as well as with the ground truth.")
+    with pytest.raises(ValueError, match="teacher"):
+        D.students_reading([fast, good])
+

@@ -121,3 +121,17 @@ def test_runtime_decoder_needs_the_fast_path(tiny_trained, tmp_path):
     model, decode = E.runtime_model(tiny_trained, tmp_path, "onnxruntime")
     with pytest.raises(ValueError, match="fast path"):
         E.generate(model, scenes.make_scene(1).image, E.EverythingConfig(points_per_side=4), decode)
+
+
+def test_runtime_reading_compares_each_runtimes_decoder_with_pytorchs():
+    row = lambda name, dec, ap=0.46: {"name": name, "median_s": dec + 0.03, "decoder_s": dec, "recall_50": 0.84,
+                                      "recall_75": 0.72, "mask_ap": ap}
+    rows = [row("fast, coarse to fine", 0.18), row("onnxruntime, fast, coarse to fine", 0.21),
+            row("openvino, fast, coarse to fine", 0.155, 0.47)]
+    text = E.runtime_reading(rows)
+    assert "On onnxruntime the decoder batches cost 0.210 s" in text and "(1.17x): dearer than PyTorch's" in text
+    assert "the same recall and mask AP" in text
+    assert "(0.86x): cheaper than PyTorch's" in text and "mask AP 0.470 vs 0.460" in text
+    rows[1]["decoder_s"] = 0.182
+    assert "about the same as PyTorch's" in E.runtime_reading(rows)
+    assert E.runtime_reading(rows[1:]) == ""  # no PyTorch row to compare with

@@ -129,7 +129,24 @@ def citations(name: str) -> list[tuple[str, str, str]]:
                 if num is None:
                     continue
                 out.append((num, "exercise" if m["kind"] == "exercise" else "section", m["title"]))
+            if name in CHAPTERS:
+                out += [(CHAPTERS[name], "section", title) for title in listed_sections(doc)]
     return out
+
+
+def listed_sections(doc: str) -> list[str]:
+    """Titles of a docstring's section list: the `- "Title": ...` items under a line that names
+    sections and ends with a colon (a chapter module's map of its notebook)."""
+    titles, in_list = [], False
+    for line in doc.splitlines():
+        text = line.strip()
+        if re.search(r"sections?\b", text, re.I) and text.endswith(":"):
+            in_list = True
+        elif not text:
+            in_list = False
+        elif in_list and (m := re.match(r'- "([^"]+)"', text)):
+            titles.append(m[1])
+    return titles
 
 
 def headings(num: str) -> list[str]:
@@ -154,3 +171,9 @@ def test_citations_are_found():
     cited = [c for m in modules() for c in citations(m)]
     assert len(cited) >= 40
     assert ("01", "section", "Attention by hand") in cited
+    assert ("03", "section", "What rounding costs") in cited  # from quantization's section list
+
+
+def test_a_section_list_is_read_item_by_item():
+    doc = 'Sections of the notebook and the functions that go with them:\n  - "One": f;\n    g;\n  - "Two": h.\n\n  - "Not listed": x'
+    assert listed_sections(doc) == ["One", "Two"]

@@ -74,6 +74,26 @@ def test_magnitude_sparsify_zeroes_the_smallest_fraction():
     assert s[s != 0].abs().min() >= w.abs().flatten().kthvalue(int(0.4 * w.numel())).values
 
 
+def test_sparsified_copy_zeroes_the_chosen_weights_of_every_block_only(tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    sparse = pruning.sparsified_copy(tiny, 0.4, ("mlp",))
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())  # original untouched
+    for b_new, b_old in zip(sparse.image_encoder.blocks, tiny.image_encoder.blocks):
+        for name in ("lin1", "lin2"):
+            w_new, w_old = getattr(b_new.mlp, name).weight, getattr(b_old.mlp, name).weight
+            assert w_new.shape == w_old.shape
+            assert abs((w_new == 0).float().mean().item() - 0.4) < 0.01
+            assert torch.equal(w_new, pruning.magnitude_sparsify(w_old, 0.4))
+            assert torch.equal(getattr(b_new.mlp, name).bias, getattr(b_old.mlp, name).bias)
+        assert torch.equal(b_new.attn.qkv.weight, b_old.attn.qkv.weight)
+    both = pruning.sparsified_copy(tiny, 0.5, ("mlp", "attn"))
+    assert abs((both.image_encoder.blocks[0].attn.proj.weight == 0).float().mean().item() - 0.5) < 0.01
+    assert not torch.equal(encode(sparse), encode(tiny))
+    torch.testing.assert_close(encode(pruning.sparsified_copy(tiny, 0.0)), encode(tiny))
+    with pytest.raises(ValueError):
+        pruning.sparsified_copy(tiny, 0.4, ("neck",))
+
+
 def test_torch_pruning_ranks_like_the_hand_rule():
     torch.manual_seed(2)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3), torch.nn.ReLU(), torch.nn.Conv2d(12, 6, 3))
