@@ -286,10 +286,7 @@ class DistillConfig:
 
 
 def _lr_at(step: int, cfg: DistillConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return training.warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
 
 
 @dataclass
@@ -312,11 +309,7 @@ class EmbeddingPool:
         return normalised(self.images[idx], sam), self.targets[idx].float().to(sam.device)
 
 
-def normalised(images: list[np.ndarray] | torch.Tensor, sam: Sam) -> torch.Tensor:
-    """HxWx3 uint8 images (or an (N,3,H,W) uint8 tensor) -> SAM's normalised input batch."""
-    if not torch.is_tensor(images):
-        images = torch.stack([torch.from_numpy(np.ascontiguousarray(i)) for i in images]).permute(0, 3, 1, 2)
-    return (images.float().to(sam.device) - sam.pixel_mean) / sam.pixel_std
+normalised = models.normalised  # notebook 04 calls it as D.normalised
 
 
 def build_pool(teacher: Sam, n: int, offset: int = SCENE_OFFSET, chunk: int = 32,

@@ -16,7 +16,9 @@ import os
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,
                                        TwoWayTransformer)
@@ -150,6 +152,15 @@ def build_sam(cfg: SamConfig) -> Sam:
     sam = Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder,
               pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
     return sam.eval()
+
+
+def normalised(images: Sequence[np.ndarray] | torch.Tensor, sam: Sam) -> torch.Tensor:
+    """HxWx3 uint8 images (or an (N,3,H,W) uint8 tensor) of the encoder's input size -> SAM's
+    normalised input batch, on the model's device: `Sam.preprocess` without the padding, for
+    the training loops of notebooks 00, 02 and 04, whose scenes are already that size."""
+    if not torch.is_tensor(images):
+        images = torch.stack([torch.from_numpy(np.ascontiguousarray(i)) for i in images]).permute(0, 3, 1, 2)
+    return (images.float().to(sam.device) - sam.pixel_mean) / sam.pixel_std
 
 
 def sha256_of(path: str | os.PathLike) -> str:

@@ -673,7 +673,7 @@ def finetune(sam: Sam, cfg: FinetuneConfig, teacher: Sam | None = None,
             rng = np.random.default_rng([cfg.seed, step])
             batch = draw(step, rng)
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.steps)))
+                g["lr"] = training.warmup_cosine(step, cfg.lr, 0, cfg.steps)
             rec = {"step": step + 1}
             loss = torch.zeros((), device=sam.device)
             if cfg.mask > 0:
@@ -681,8 +681,7 @@ def finetune(sam: Sam, cfg: FinetuneConfig, teacher: Sam | None = None,
                 loss = loss + cfg.mask * mask_loss
                 rec["mask_loss"] = float(mask_loss.detach())
             else:  # distillation only: the encoder alone, no decoder pass
-                imgs = torch.stack([torch.from_numpy(s.image.copy()) for s in batch]).permute(0, 3, 1, 2)
-                sam.image_encoder((imgs.float().to(sam.device) - sam.pixel_mean) / sam.pixel_std)
+                sam.image_encoder(models.normalised([s.image for s in batch], sam))
             if cfg.distill > 0:
                 with torch.no_grad():
                     target = teacher.image_encoder(captured["x"])

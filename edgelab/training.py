@@ -196,10 +196,8 @@ def _prompt_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Te
 
 def train_step(sam: Sam, batch: list[scenes.Scene], cfg: TrainConfig, rng: np.random.Generator) -> dict:
     """One optimisation step's forward pass and loss on a batch of scenes (no backward)."""
-    dev = sam.device
-    imgs = torch.stack([torch.from_numpy(s.image.copy()) for s in batch]).permute(0, 3, 1, 2).float().to(dev)
     with torch.set_grad_enabled(not cfg.freeze_encoder and torch.is_grad_enabled()):
-        emb = sam.image_encoder((imgs - sam.pixel_mean) / sam.pixel_std)
+        emb = sam.image_encoder(models.normalised([s.image for s in batch], sam))
     return scene_loss(sam, emb, batch, cfg, rng)
 
 
@@ -231,16 +229,21 @@ def scene_loss(sam: Sam, emb: torch.Tensor, batch: list[scenes.Scene], cfg: Trai
     return {"loss_tensor": total, **parts}
 
 
+def warmup_cosine(step: int, lr: float, warmup: int, steps: int, done: float | None = None) -> float:
+    """The learning rate of every training loop in the workbook (tiny's, the students' in
+    notebook 04, the pruned models' fine-tune in notebook 02): a linear warm-up over `warmup`
+    steps, then half a cosine from `lr` down to 0 over the rest of the `steps`, or over a time
+    budget when `done` (the fraction of it spent) is given."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup) if done is None else done
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
 def _lr_at(step: int, cfg: TrainConfig, seconds: float = 0.0) -> float:
-    """Linear warm-up over `warmup` steps, then a cosine over the run: its steps, or with
-    `cfg.hours` the fraction of the time budget already spent (`seconds` of training)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.hours:
-        t = seconds / (cfg.hours * 3600)
-    else:
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    """`warmup_cosine` over the run: its steps, or with `cfg.hours` the fraction of the time
+    budget already spent (`seconds` of training)."""
+    return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, seconds / (cfg.hours * 3600) if cfg.hours else None)
 
 
 def batch_seeds(step: int, cfg: TrainConfig) -> list[int]:
@@ -522,7 +525,7 @@ def fit_iou_head(head: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
     losses = []
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = warmup_cosine(step, lr, 0, steps)
         idx = torch.randint(len(x), (batch,), generator=gen)
         pred, true = head(x[idx]), y[idx]
         loss = F.mse_loss(pred, true)
