@@ -31,6 +31,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -159,8 +160,9 @@ def deployable(sam: Sam) -> Sam:
     enc = copy.deepcopy(sam.image_encoder).eval()
     try:
         enc.trunk = fuse(enc.trunk)
-    except Exception:  # noqa: BLE001 - a trunk torch.fx cannot trace keeps its BatchNorms
-        pass
+    except Exception as e:  # noqa: BLE001 - a trunk torch.fx cannot trace keeps its BatchNorms, and says so
+        warnings.warn(f"{sam.edgelab.name}: BatchNorms left unfolded, torch.fx could not trace the trunk "
+                      f"({type(e).__name__}: {e}); the student still runs, channels-last only", stacklevel=2)
     enc = enc.to(memory_format=torch.channels_last)
     enc.channels_last = True
     out = student_sam(sam, enc)

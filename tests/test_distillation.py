@@ -121,6 +121,22 @@ def test_deployable_student_gives_the_same_embedding(teacher, trained):
         assert torch.allclose(fast.image_encoder(x), sam.image_encoder(x), atol=1e-4)
 
 
+def test_deployable_says_when_it_cannot_fold(trained, monkeypatch):
+    _, sam = trained
+    import torch.fx.experimental.optimization as fx_opt
+
+    def untraceable(module):
+        raise RuntimeError("data-dependent control flow")
+
+    monkeypatch.setattr(fx_opt, "fuse", untraceable)
+    with pytest.warns(UserWarning, match="BatchNorms left unfolded.*data-dependent control flow"):
+        fast = D.deployable(sam)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.image_encoder.modules())  # kept, not lost
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.allclose(fast.image_encoder(x), sam.image_encoder(x), atol=1e-4)
+
+
 def test_bad_student_files_are_one_clear_error(teacher, tmp_path, tiny_checkpoint):
     with pytest.raises(models.CheckpointError, match="not found"):
         D.load_student(tmp_path / "nope.pt", teacher)
