@@ -649,15 +649,7 @@ def within_noise(a: dict, b: dict, ious: str = "val_ious") -> bool:
     per-object IoUs, only equal mIoU is a tie (section "Choosing a model under a latency budget")."""
     if a.get(ious) is None or b.get(ious) is None or len(a[ious]) != len(b[ious]):
         return False
-    lo, hi = evaluate.bootstrap_ci(np.asarray(a[ious]) - np.asarray(b[ious]))
-    return bool(lo <= 0.0 <= hi)
-
-
-def paired_points(a: dict, b: dict, ious: str = "val_ious") -> tuple[float, float, float]:
-    """mIoU of `a` minus `b` in points, with its paired 95% bootstrap interval (lo, hi)."""
-    d = np.asarray(a[ious]) - np.asarray(b[ious])
-    lo, hi = evaluate.bootstrap_ci(d)
-    return 100 * float(d.mean()), 100 * lo, 100 * hi
+    return evaluate.paired_ious(a[ious], b[ious])["within_noise"]
 
 
 def choice_reading(rows: Sequence[dict], pick: dict, reference: str = "reference", slack: float = MIOU_SLACK,
@@ -673,9 +665,10 @@ def choice_reading(rows: Sequence[dict], pick: dict, reference: str = "reference
            f"reference's val mIoU ({ref[key]:.3f})."]
     rival = next((r for r in ok if r is not pick), None)
     if rival is not None and pick.get(ious) is not None and rival.get(ious) is not None:
-        d, lo, hi = paired_points(pick, rival, ious)
+        p = evaluate.paired_ious(pick[ious], rival[ious])
+        d, (lo, hi) = 100 * p["diff"], (100 * x for x in p["ci"])
         span = f"{d:+.1f} mIoU points [95% CI {lo:+.1f}, {hi:+.1f}]"
-        if within_noise(pick, rival, ious):
+        if p["within_noise"]:
             out.append(f"The next fastest, {rival['name']} ({rival['median_s'] * 1e3:.2f} ms), differs from it by {span} "
                        "on val: within the noise, so the choice between them is a tie broken by latency.")
         else:

@@ -120,7 +120,12 @@ def paired_difference(a: "EvalResult", b: "EvalResult") -> dict:
     "20 / 40 / 60% and fine-tuning": compare models on the same scenes, not by two separate intervals)."""
     if len(a.per_object) != len(b.per_object) or a.prompt != b.prompt:
         raise ValueError("a paired difference needs two results on the same scenes and prompts")
-    d = np.asarray(a.per_object) - np.asarray(b.per_object)
+    return paired_ious(a.per_object, b.per_object)
+
+
+def paired_ious(a: Sequence[float], b: Sequence[float]) -> dict:
+    """`paired_difference` on two lists of per-object IoUs (the same objects, in the same order)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     lo, hi = bootstrap_ci(d)
     return {"diff": float(d.mean()), "ci": (lo, hi), "within_noise": bool(lo <= 0.0 <= hi), "n": len(d)}
 
@@ -219,16 +224,22 @@ def kept_masks(model: Sam, n: int, split: str = "val") -> tuple[np.ndarray, np.n
     predictor = SamPredictor(model)
     pred, area, true = [], [], []
     for s in (scenes_mod.SceneDataset(split, n).scene(i) for i in range(n)):
-        predictor.set_image(s.image)
-        pts = np.array([point_prompt(m) for m in s.masks], np.float32)[:, None, :]
-        pts = torch.as_tensor(predictor.transform.apply_coords(pts, s.image.shape[:2]), dtype=torch.float)
-        masks, scores, _ = predictor.predict_torch(pts, torch.ones(pts.shape[:2], dtype=torch.int), multimask_output=True)
-        best = scores.argmax(dim=1)
-        for m, score, gt in zip(masks[torch.arange(len(best)), best].cpu().numpy(), scores.max(dim=1).values.tolist(), s.masks):
-            pred.append(score)
-            area.append(int(m.sum()))
-            true.append(iou(m, gt))
+        masks, scores = four_masks(predictor, points=_protocol_points(predictor, s))
+        for j, gt in enumerate(s.masks):
+            pick = 1 + int(scores[j, 1:].argmax())  # the protocol's mask: the head's pick of the three
+            pred.append(float(scores[j, pick]))
+            area.append(int(masks[j, pick].sum()))
+            true.append(iou(masks[j, pick], gt))
     return np.array(pred), np.array(area), np.array(true)
+
+
+def _protocol_points(predictor: SamPredictor, scene: scenes_mod.Scene) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sets the scene's image in `predictor`; returns one protocol point per object (`point_prompt`)
+    in the model's input frame, with its labels, as `four_masks` takes them."""
+    predictor.set_image(scene.image)
+    pts = np.array([point_prompt(m) for m in scene.masks], np.float32)[:, None, :]
+    pts = torch.as_tensor(predictor.transform.apply_coords(pts, scene.image.shape[:2]), dtype=torch.float)
+    return pts, torch.ones(pts.shape[:2], dtype=torch.int)
 
 
 @torch.no_grad()
@@ -245,10 +256,7 @@ def mask_choice(model: Sam, n: int | None = None, split: str = "eval",
     hits = []
     for i in tqdm(range(len(ds)), desc="mask choice", disable=not progress, leave=False):
         s = ds.scene(i)
-        predictor.set_image(s.image)
-        pts = np.array([point_prompt(m) for m in s.masks], np.float32)[:, None, :]
-        pts = torch.as_tensor(predictor.transform.apply_coords(pts, s.image.shape[:2]), dtype=torch.float)
-        masks, scores = four_masks(predictor, points=(pts, torch.ones(pts.shape[:2], dtype=torch.int)))
+        masks, scores = four_masks(predictor, points=_protocol_points(predictor, s))
         for j, gt in enumerate(s.masks):
             single, *true = [iou(m, gt) for m in masks[j]]
             pick = int(scores[j, 1:].argmax())

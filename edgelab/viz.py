@@ -96,14 +96,19 @@ def place_labels(ax: plt.Axes, xs: Sequence[float], ys: Sequence[float], labels:
     legend = ax.get_legend()
     taken = [legend.get_window_extent(renderer)] if legend is not None else []  # pixel boxes in use
     order = sorted(range(len(labels)), key=lambda i: (xs[i], -ys[i]))
+
+    def label(i: int, dx: float, dy: float, leader: bool = False):
+        line = dict(arrowprops=dict(arrowstyle="-", lw=0.5, color="grey", shrinkA=0, shrinkB=3)) if leader else {}
+        return ax.annotate(labels[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                           ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top", **line)
+
     out = []
     for i in order:
         ann = None
         for dx, dy in _LABEL_OFFSETS:
             if ann is not None:
                 ann.remove()
-            ann = ax.annotate(labels[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points",
-                              fontsize=fontsize, ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")
+            ann = label(i, dx, dy)
             box = _padded(ann.get_window_extent(renderer))
             hits_label = any(box.overlaps(t) for t in taken)
             hits_mark = any(box.x0 - r < mx < box.x1 + r and box.y0 - r < my < box.y1 + r for mx, my in marks)
@@ -112,9 +117,7 @@ def place_labels(ax: plt.Axes, xs: Sequence[float], ys: Sequence[float], labels:
                 break
         if abs(dy) > 10:  # moved away from its point: a leader line shows whose label it is
             ann.remove()
-            ann = ax.annotate(labels[i], (xs[i], ys[i]), xytext=(dx, dy), textcoords="offset points",
-                              fontsize=fontsize, ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top",
-                              arrowprops=dict(arrowstyle="-", lw=0.5, color="grey", shrinkA=0, shrinkB=3))
+            ann = label(i, dx, dy, leader=True)
             box = _padded(ann.get_window_extent(renderer))
         taken.append(box)
         out.append(ann)

@@ -403,6 +403,7 @@ def test_paired_difference_flags_noise_and_a_real_gap():
     assert paired_difference(jitter, same)["within_noise"]
     p = paired_difference(better, same)
     assert not p["within_noise"] and abs(p["diff"] - 0.05) < 1e-9 and p["ci"][0] > 0
+    assert evaluate.paired_ious(better.per_object, same.per_object) == p  # the same on plain per-object lists
     assert "b is better than a beyond the noise" in describe_difference("b", better, "a", same)
     with pytest.raises(ValueError):
         paired_difference(EvalResult(0.0, 3, 1, "point", [0.1, 0.2, 0.3]), same)
