@@ -247,6 +247,16 @@ def encoder_decoder(model: torch.nn.Module, batch: int = 1, prompts: int = 1, re
     return bench_record("encoder", weights_label(model), variants)
 
 
+def time_encoders(variants: Mapping[str, torch.nn.Module], repeats: int = 5, warmup: int = 1) -> dict[str, Timing]:
+    """Image-encoder latency of several SAMs on one random image, interleaved in one run (`compare`)."""
+    first = next(iter(variants.values()))
+    size = first.image_encoder.img_size
+    x = torch.randn(1, 3, size, size, device=first.device)
+    with torch.inference_mode():
+        fns = {name: (lambda m=m: m.image_encoder(x)) for name, m in variants.items()}
+        return compare(fns, warmup=warmup, repeats=repeats)
+
+
 # ---------------------------------------------------------------- memory
 
 def cuda_peak_memory_mb(fn: Callable[[], Any], device: str | torch.device | None = None) -> float:
@@ -360,7 +370,7 @@ def as_table(variants: list[Mapping[str, Any]]) -> str:
 
 
 __all__ = ["WEIGHT_KINDS", "VARIANT_KEYS", "Timing", "machine_info", "time_callable", "compare",
-           "cuda_peak_memory_mb", "minor_faults", "count_macs", "bench_record", "save_json", "as_table"]
+           "time_encoders", "cuda_peak_memory_mb", "minor_faults", "count_macs", "bench_record", "save_json", "as_table"]
 
 
 # --- comparing a variant with its reference -----------------------------------------------------

@@ -1,23 +1,65 @@
 """`edgelab <verb>`: drive the workbook without Jupyter (the guide's command-line contract).
 
 Verbs: eval, bench encoder|prune|quant|distill|deploy|everything|machine, distill, train-tiny, tune-iou-head, run,
-sweep, report, student, grade. `--json` prints one JSON object on stdout.
-Bad input exits 2 with one line on stderr, never a traceback.
+sweep, report, student, grade. `--json` prints one JSON object on stdout. `python -m edgelab` is the same
+command (torchrun starts `-m edgelab distill` on every rank).
+Bad input exits 2 with one line on stderr, never a traceback: ranges are the parser's (`count`, `real`),
+what depends on several arguments or on files is each verb's.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable, NoReturn
 
 PROG = "edgelab"
 
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with the contract's error: one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def count(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse `type`: a whole number in [low, high] (range checks live in the parser, once)."""
+    wanted = (f"in [{low}, {high}]" if high is not None else "a positive number" if low == 1 else f"{low} or more")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, not {value}")
+        return value
+    return parse
+
+
+def real(low: float, high: float = math.inf, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse `type`: a number in [low, high], or in (low, high] when `above`."""
+    wanted = (f"in {'(' if above else '['}{low:g}, {high:g}]" if high < math.inf
+              else f"more than {low:g}" if above else f"{low:g} or more")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+        if not (low < value if above else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, not {text}")
+        return value
+    return parse
 
 
 def _load(args):
@@ -49,8 +91,6 @@ def cmd_eval(args) -> dict:
         out = {"model": args.model, "weights": kind, "reference": args.reference,
                "agreement": res.miou, "miou": res.miou, "n_masks": res.n_masks, "n_images": res.n_images}
     else:
-        if args.scenes is not None and args.scenes <= 0:
-            raise UsageError("--scenes must be a positive number")
         seeds = None
         if args.seed is not None:
             seeds = [args.seed + i for i in range(args.scenes or 50)]
@@ -67,8 +107,6 @@ def cmd_eval(args) -> dict:
 def cmd_bench_encoder(args) -> dict:
     """Image encoder and mask decoder latency of one model (random weights only when asked)."""
     from . import attention, bench
-    if args.batch < 1:
-        raise UsageError("--batch must be 1 or more")
     variants = None
     if args.attention is not None:
         try:
@@ -102,8 +140,6 @@ def cmd_bench_prune(args) -> dict:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if not kinds or set(kinds) - set(pruning.KINDS):
         raise UsageError(f"--kinds must name some of {','.join(pruning.KINDS)}, not {args.kinds!r}")
-    if args.finetune_steps < 0 or args.repeats < 1 or (args.scenes is not None and args.scenes < 1):
-        raise UsageError("--finetune-steps must be 0 or more, --repeats and --scenes 1 or more")
     model = _load_sized(args)
     kind = models.weights_label(model)
     if kind == "random" and args.finetune_steps:
@@ -120,8 +156,6 @@ def cmd_bench_quant(args) -> dict:
         att = attention.parse_variants(args.attention)[0] if args.attention else None
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if args.repeats < 1 or args.scenes < 1:
-        raise UsageError("--repeats and --scenes must be 1 or more")
     model = _load_sized(args)
     kind = models.weights_label(model)
     if kind == "random":  # SAM zero-initialises the tables: make the bias path count in the errors
@@ -134,8 +168,6 @@ def cmd_bench_quant(args) -> dict:
 def cmd_bench_distill(args) -> dict:
     """`bench distill`: the teacher and each shipped student (notebook 04's students table)."""
     from . import distillation, models
-    if args.repeats < 1 or args.scenes < 1:
-        raise UsageError("--repeats and --scenes must be 1 or more")
     teacher = models.load_sam("tiny", device=args.device)
     students = {}
     for path in args.student or [distillation.SHIPPED]:
@@ -154,8 +186,6 @@ def cmd_bench_everything(args) -> dict:
     from dataclasses import replace
 
     from . import attention, distillation, everything, models, quantization, scenes
-    if args.scenes < 1 or args.points_per_side < 1:
-        raise UsageError("--scenes and --points-per-side must be 1 or more")
     cfg = everything.EverythingConfig(points_per_side=args.points_per_side)
     tiny = models.load_sam("tiny", device=args.device)
     student = distillation.deployable(distillation.load_shipped_student(models.load_sam("tiny")))
@@ -180,16 +210,12 @@ def cmd_bench_everything(args) -> dict:
 def cmd_bench_machine(args) -> dict:
     """`bench machine`: this machine's GEMM rates (fp32, bf16, int8) and memory bandwidth."""
     from . import roofline
-    if args.repeats < 1:
-        raise UsageError("--repeats must be 1 or more")
     return roofline.machine_record(n=args.n, mb=args.mb, repeats=args.repeats)
 
 
 def cmd_bench_deploy(args) -> dict:
     """`bench deploy`: every stack step and ONNX Runtime variant of tiny in one run (notebook 05)."""
     from . import deploy
-    if args.repeats < 1 or args.scenes < 1:
-        raise UsageError("--repeats and --scenes must be 1 or more")
     cfg = deploy.StackConfig(attention=args.attention, prune_ratio=args.prune_ratio,
                              finetune_steps=args.finetune_steps, prompts=args.prompts)
     cfg.check()
@@ -197,28 +223,25 @@ def cmd_bench_deploy(args) -> dict:
                                memory=not args.no_memory, progress=not args.json)
 
 
-def cmd_distill(args) -> dict:
-    """`distill`: train one student (the same code torchrun runs, see edgelab.distillation)."""
+def cmd_distill(args) -> dict | None:
+    """`distill`: train one student; under `torchrun -m edgelab distill` every rank runs this, rank 0 reports."""
     from . import distillation
-    return distillation.run(args)
+    cfg = distillation.profile_config(
+        args.profile, student=args.student, steps=args.steps, pool_scenes=args.pool_scenes,
+        batch_images=args.batch_images, lr=args.lr, loss=args.loss, seed=args.seed, eval_scenes=args.eval_scenes,
+        init=args.init, prompt_weight=args.prompt_weight, prompt_points=args.prompt_points,
+        task_weight=args.task_weight)
+    return distillation.run(cfg, args.out, fresh=args.fresh, progress=not (args.json or args.no_progress))
 
 
 def cmd_train_tiny(args) -> dict:
     from . import models, training
-    if args.hours is not None and not 0 < args.hours <= 48:
-        raise UsageError("--hours must be more than 0 and at most 48")
-    if args.steps is not None and args.steps <= 0:
-        raise UsageError("--steps must be a positive number")
     cfg = training.TrainConfig(steps=args.steps or training.TrainConfig.steps, seed=args.seed,
                                hours=args.hours, threads=args.threads, eval_scenes=args.eval_scenes,
                                checkpoint_minutes=args.checkpoint_minutes, lr=args.lr, warmup=args.warmup,
                                box_noise=args.box_noise, scene_offset=args.scene_offset,
                                init=str(args.init) if args.init else None, box_prompts=args.box_prompts,
                                freeze_encoder=args.freeze_encoder, iou_weight=args.iou_weight)
-    if not 0 < args.lr <= 1 or args.warmup < 0 or not 0 <= args.box_noise <= 0.5 or args.scene_offset < 0:
-        raise UsageError("--lr must be in (0, 1], --warmup and --scene-offset at least 0, --box-noise in [0, 0.5]")
-    if not 0 <= args.iou_weight <= 100 or not 0 <= args.box_prompts <= 64:
-        raise UsageError("--iou-weight must be in [0, 100] and --box-prompts in [0, 64]")
     if args.freeze_encoder and not args.init:
         raise UsageError("--freeze-encoder trains the decoder of trained weights: give them with --init")
     if args.init:
@@ -234,8 +257,6 @@ def cmd_train_tiny(args) -> dict:
 def cmd_tune_iou_head(args) -> dict:
     """`tune-iou-head`: refit only the IoU head of tiny weights (notebook 00, the IoU head's choice)."""
     from . import models, training
-    if args.scenes < 1 or args.steps < 1 or not 0 < args.lr <= 1 or args.scene_offset < 0:
-        raise UsageError("--scenes and --steps must be at least 1, --lr in (0, 1], --scene-offset at least 0")
     models.read_checkpoint(args.init, "tiny")  # one clear line now rather than after the set-up
     log = training.tune_iou_head(args.init, args.out, n_scenes=args.scenes, scene_offset=args.scene_offset,
                                  steps=args.steps, lr=args.lr, threads=args.threads, progress=not args.json)
@@ -309,7 +330,7 @@ def cmd_grade(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="edgelab: making SAM fast and small on a CPU.")
+    p = Parser(prog=PROG, description="edgelab: making SAM fast and small on a CPU.")
     sub = p.add_subparsers(dest="verb", required=True)
 
     def model_args(sp, default="tiny"):
@@ -322,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="mIoU on generated scenes, or agreement on a folder of images")
     model_args(e)
-    e.add_argument("--scenes", type=int, help="number of scenes (default: the whole eval split)")
+    e.add_argument("--scenes", type=count(1), help="number of scenes (default: the whole eval split)")
     e.add_argument("--seed", type=int, help="first seed of other scenes than the eval split")
     e.add_argument("--prompt", choices=["point", "box"], default="point")
     e.add_argument("--split", choices=["eval", "val"], default="eval",
@@ -336,10 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="what", required=True)
     be = bsub.add_parser("encoder", help="image encoder and mask decoder latency")
     model_args(be)
-    be.add_argument("--image-size", type=int, help="input side in px (default: the model's)")
-    be.add_argument("--batch", type=int, default=1)
-    be.add_argument("--prompts", type=int, default=8, help="point prompts per decoder call")
-    be.add_argument("--repeats", type=int, default=5)
+    be.add_argument("--image-size", type=count(1), help="input side in px (default: the model's)")
+    be.add_argument("--batch", type=count(1), default=1)
+    be.add_argument("--prompts", type=count(1), default=8, help="point prompts per decoder call")
+    be.add_argument("--repeats", type=count(1), default=5)
     be.add_argument("--attention", metavar="V1,V2,...",
                     help="compare attention variants in one run (reference, sdpa, fused, folded, tiled, "
                          "compiled): median_s, peak_mem_mb, max_abs_err, rel_err per variant")
@@ -352,10 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--ratios", default="0.2,0.4,0.6", help="comma-separated pruning ratios")
     bp.add_argument("--kinds", default="mlp,head_dim,embed,neck",
                     help="what to prune: mlp, heads, head_dim, embed, neck (comma-separated)")
-    bp.add_argument("--finetune-steps", type=int, default=0, help="fine-tuning steps per pruned variant")
-    bp.add_argument("--scenes", type=int, default=50, help="eval scenes for mIoU (trained weights)")
-    bp.add_argument("--image-size", type=int, help="input side in px (with --weights random)")
-    bp.add_argument("--repeats", type=int, default=5)
+    bp.add_argument("--finetune-steps", type=count(0), default=0, help="fine-tuning steps per pruned variant")
+    bp.add_argument("--scenes", type=count(1), default=50, help="eval scenes for mIoU (trained weights)")
+    bp.add_argument("--image-size", type=count(1), help="input side in px (with --weights random)")
+    bp.add_argument("--repeats", type=count(1), default=5)
     bp.set_defaults(fn=cmd_bench_prune)
 
     bq = bsub.add_parser("quant", help="FP32 / BF16 / INT8 variants in one run (notebook 03)")
@@ -365,75 +386,94 @@ def build_parser() -> argparse.ArgumentParser:
                          "w8a8_fbgemm, w8a8_torchao")
     bq.add_argument("--attention", help="attention variant for every model (chapter 01), e.g. fused; "
                                         "adds fp32_reference (SAM's own attention) to the run")
-    bq.add_argument("--scenes", type=int, default=50, help="eval scenes for mIoU (trained weights)")
-    bq.add_argument("--image-size", type=int, help="input side in px (with --weights random)")
-    bq.add_argument("--repeats", type=int, default=5)
+    bq.add_argument("--scenes", type=count(1), default=50, help="eval scenes for mIoU (trained weights)")
+    bq.add_argument("--image-size", type=count(1), help="input side in px (with --weights random)")
+    bq.add_argument("--repeats", type=count(1), default=5)
     bq.set_defaults(fn=cmd_bench_quant)
 
     bd = bsub.add_parser("distill", help="the tiny teacher and each shipped student (notebook 04)")
     bd.add_argument("--student", action="append", metavar="PATH",
                     help="a student saved by `edgelab distill` (repeatable; default: the shipped one)")
-    bd.add_argument("--scenes", type=int, default=50, help="eval scenes for mIoU and agreement")
-    bd.add_argument("--repeats", type=int, default=30)
+    bd.add_argument("--scenes", type=count(1), default=50, help="eval scenes for mIoU and agreement")
+    bd.add_argument("--repeats", type=count(1), default=30)
     bd.add_argument("--device", default="cpu")
     bd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     bd.set_defaults(fn=cmd_bench_distill)
 
     bev = bsub.add_parser("everything", help="segment everything: the automatic mask generator, timed and scored (chapter 05)")
-    bev.add_argument("--scenes", type=int, default=10)
+    bev.add_argument("--scenes", type=count(1), default=10)
     bev.add_argument("--split", choices=["eval", "val"], default="eval")
-    bev.add_argument("--points-per-side", type=int, default=16)
+    bev.add_argument("--points-per-side", type=count(1), default=16)
     bev.add_argument("--device", default="cpu")
     bev.add_argument("--json", action="store_true")
     bev.set_defaults(fn=cmd_bench_everything)
 
     bm = bsub.add_parser("machine", help="this machine's GEMM rates per dtype and memory bandwidth (the roofline)")
-    bm.add_argument("--n", type=int, default=1024, help="GEMM size n x n x n")
-    bm.add_argument("--mb", type=int, default=256, help="buffer copied to measure the bandwidth")
-    bm.add_argument("--repeats", type=int, default=5)
+    bm.add_argument("--n", type=count(1), default=1024, help="GEMM size n x n x n")
+    bm.add_argument("--mb", type=count(1), default=256, help="buffer copied to measure the bandwidth")
+    bm.add_argument("--repeats", type=count(1), default=5)
     bm.add_argument("--json", action="store_true")
     bm.set_defaults(fn=cmd_bench_machine)
 
     bdp = bsub.add_parser("deploy", help="the stack and ONNX Runtime variants of tiny (notebook 05)")
     bdp.add_argument("--out", default="runs/deploy", help="run folder for the pruned model and ONNX files")
-    bdp.add_argument("--scenes", type=int, default=30, help="eval scenes for mIoU and agreement")
-    bdp.add_argument("--repeats", type=int, default=20)
+    bdp.add_argument("--scenes", type=count(1), default=30, help="eval scenes for mIoU and agreement")
+    bdp.add_argument("--repeats", type=count(1), default=20)
     bdp.add_argument("--attention", default="sdpa", help="chapter 01's attention variant for the fused step")
     bdp.add_argument("--prune-ratio", type=float, default=0.4)
-    bdp.add_argument("--finetune-steps", type=int, default=60)
-    bdp.add_argument("--prompts", type=int, default=1, help="point prompts per frame")
+    bdp.add_argument("--finetune-steps", type=count(0), default=60)
+    bdp.add_argument("--prompts", type=count(1), default=1, help="point prompts per frame")
     bdp.add_argument("--no-memory", action="store_true", help="skip peak memory (a fresh process)")
     bdp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     bdp.set_defaults(fn=cmd_bench_deploy)
 
-    from .distillation import add_arguments
-    d = sub.add_parser("distill", help="distil tiny's image encoder into a student (notebook 04)")
-    add_arguments(d)
+    from .distillation import LOSSES, PROFILES, STUDENTS, DistillConfig
+    d = sub.add_parser("distill", help="distil tiny's image encoder into a student (notebook 04); "
+                                       "the same under `torchrun -m edgelab distill`")
+    d.add_argument("--out", default="runs/distill", help="run folder (checkpoints, log, student.pt)")
+    d.add_argument("--student", default=DistillConfig.student, choices=list(STUDENTS))
+    d.add_argument("--profile", choices=list(PROFILES), default="quick")
+    d.add_argument("--steps", type=count(1), help="override the profile's steps")
+    d.add_argument("--pool-scenes", type=count(1), help="override the profile's scene pool")
+    d.add_argument("--batch-images", type=count(1), default=DistillConfig.batch_images)
+    d.add_argument("--lr", type=real(0, above=True), default=DistillConfig.lr)
+    d.add_argument("--loss", choices=LOSSES, default=DistillConfig.loss)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--eval-scenes", type=count(1), default=DistillConfig.eval_scenes)
+    d.add_argument("--init", default="", help="start from this saved student's weights (a warm start)")
+    d.add_argument("--prompt-weight", type=real(0), default=DistillConfig.prompt_weight,
+                   help="add the prompt-in-the-loop loss (decoder masks vs the teacher's) with this weight")
+    d.add_argument("--prompt-points", type=count(1), default=DistillConfig.prompt_points,
+                   help="random point prompts per image for that loss")
+    d.add_argument("--task-weight", type=real(0), default=DistillConfig.task_weight,
+                   help="add the task loss (decoder masks vs the scenes' exact masks) with this weight")
+    d.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar (--json implies it)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_distill)
 
     t = sub.add_parser("train-tiny", help="reproduce the shipped tiny SAM from its seed")
     t.add_argument("--out", default="runs/train-tiny")
-    t.add_argument("--steps", type=int)
+    t.add_argument("--steps", type=count(1))
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--hours", type=float, help="training-time budget: the schedule spans it, summed over resumes")
-    t.add_argument("--stop-after", type=int, help="end at this step (the schedule still spans --steps)")
-    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    t.add_argument("--eval-scenes", type=int, default=training_default("eval_scenes"),
+    t.add_argument("--hours", type=real(0, 48, above=True), help="training-time budget: the schedule spans it, summed over resumes")
+    t.add_argument("--stop-after", type=count(1), help="end at this step (the schedule still spans --steps)")
+    t.add_argument("--threads", type=count(0), default=0, help="torch threads (0: torch's default)")
+    t.add_argument("--eval-scenes", type=count(1), default=training_default("eval_scenes"),
                    help="validation scenes scored at each checkpoint")
-    t.add_argument("--checkpoint-minutes", type=float, default=training_default("checkpoint_minutes"))
-    t.add_argument("--lr", type=float, default=training_default("lr"), help="peak learning rate")
-    t.add_argument("--warmup", type=int, default=training_default("warmup"), help="warm-up steps")
-    t.add_argument("--box-noise", type=float, default=training_default("box_noise"),
+    t.add_argument("--checkpoint-minutes", type=real(0, above=True), default=training_default("checkpoint_minutes"))
+    t.add_argument("--lr", type=real(0, 1, above=True), default=training_default("lr"), help="peak learning rate")
+    t.add_argument("--warmup", type=count(0), default=training_default("warmup"), help="warm-up steps")
+    t.add_argument("--box-noise", type=real(0, 0.5), default=training_default("box_noise"),
                    help="std of the training boxes' corner noise, a fraction of the box's side")
     t.add_argument("--init", help="start from these tiny weights (a second training phase)")
     t.add_argument("--freeze-encoder", action="store_true",
                    help="train the prompt encoder and mask decoder only (the image encoder stays as --init has it)")
-    t.add_argument("--iou-weight", type=float, default=training_default("iou_weight"),
+    t.add_argument("--iou-weight", type=real(0, 100), default=training_default("iou_weight"),
                    help="weight of the IoU head's loss beside the mask loss")
-    t.add_argument("--box-prompts", type=int, default=training_default("box_prompts"),
+    t.add_argument("--box-prompts", type=count(0, 64), default=training_default("box_prompts"),
                    help="box prompts per training scene")
-    t.add_argument("--scene-offset", type=int, default=training_default("scene_offset"),
+    t.add_argument("--scene-offset", type=count(0), default=training_default("scene_offset"),
                    help="first training scene seed (a second phase draws scenes the first never saw)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
@@ -443,11 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("tune-iou-head", help="refit only tiny's IoU head (its masks stay as they are)")
     h.add_argument("--init", default="data/sam_tiny.pt", help="the tiny weights whose IoU head is refitted")
     h.add_argument("--out", default="runs/tune-iou-head")
-    h.add_argument("--scenes", type=int, default=3000, help="training scenes sampled")
-    h.add_argument("--scene-offset", type=int, default=5_000_000, help="first training scene seed")
-    h.add_argument("--steps", type=int, default=3000)
-    h.add_argument("--lr", type=float, default=1e-3)
-    h.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    h.add_argument("--scenes", type=count(1), default=3000, help="training scenes sampled")
+    h.add_argument("--scene-offset", type=count(0), default=5_000_000, help="first training scene seed")
+    h.add_argument("--steps", type=count(1), default=3000)
+    h.add_argument("--lr", type=real(0, 1, above=True), default=1e-3)
+    h.add_argument("--threads", type=count(0), default=0, help="torch threads (0: torch's default)")
     h.add_argument("--json", action="store_true")
     h.set_defaults(fn=cmd_tune_iou_head)
 
@@ -464,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("notebook", help="notebook name or prefix, e.g. 02")
     sw.add_argument("-p", "--param", nargs="+", action="append", metavar="NAME V1",
                     help="NAME V1 [V2 ...]: values of one parameter (repeat -p for a grid)")
-    sw.add_argument("--jobs", type=int, default=1, help="points run at once, each in its own process")
+    sw.add_argument("--jobs", type=count(1), default=1, help="points run at once, each in its own process")
     sw.add_argument("--profile", choices=["quick", "full"], default="quick")
     sw.add_argument("--out", default=None, help="sweep folder (default runs/sweep-<nb>-<time>)")
     sw.add_argument("--json", action="store_true")
@@ -496,7 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import logging
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # CUDA-build torch on a CPU
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or bad arguments (2) whose one line Parser.error printed
+        return e.code if isinstance(e.code, int) else 2
     from .models import CheckpointError
     try:
         with warnings.catch_warnings():
@@ -509,9 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    if out is None:  # a torchrun rank other than 0
+        return 0
     if getattr(args, "json", False):
         print(json.dumps(out))
-    elif out is not None and args.verb not in ("report", "run", "sweep", "student", "grade"):
+    elif args.verb not in ("report", "run", "sweep", "student", "grade"):
         print(json.dumps(out, indent=1))
     return 0 if not (isinstance(out, dict) and out.get("failed")) else 1
 

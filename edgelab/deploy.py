@@ -207,6 +207,27 @@ def pruned(sam: Sam, cfg: StackConfig, progress: bool = True) -> Sam:
     return out.eval()
 
 
+def pytorch_step(name: str, tiny: Sam, pruned_model: Sam | None, cfg: StackConfig) -> tuple[Sam, float]:
+    """PyTorch step `name` of the stack (section "The stack, step by step"): (model, size on disk in MB).
+
+    `pruned_model` (chapter 02's, needed by the pruned steps only) gets `cfg.attention` in place;
+    INT8 steps are copies (`quantization.make_variant`), so one pruned model serves both pruned steps.
+    """
+    if name not in PYTORCH_STEPS:
+        raise ValueError(f"unknown PyTorch step {name!r}: choose from {', '.join(PYTORCH_STEPS)}")
+    if name == "reference":
+        sam = tiny
+    elif name == "fused":
+        sam = fused(tiny, cfg)
+    elif name.startswith("pruned"):
+        if pruned_model is None:
+            raise ValueError(f"step {name!r} needs the pruned model")
+        sam = attention.set_attention(pruned_model, cfg.attention)
+    else:
+        sam = distillation.deployable(distillation.load_shipped_student(tiny))
+    return quantization.make_variant(sam, cfg.quant) if name.endswith("+int8") else (sam, bench.size_mb(sam))
+
+
 def build_stack(tiny: Sam, run_dir: str | Path, cfg: StackConfig = StackConfig(),
                 progress: bool = True) -> dict[str, tuple[Sam, float]]:
     """Every PyTorch step of the stack: name -> (model, size on disk in MB).
@@ -215,18 +236,9 @@ def build_stack(tiny: Sam, run_dir: str | Path, cfg: StackConfig = StackConfig()
     """
     cfg.check()
     run_dir = _run_folder(run_dir)
-    steps: dict[str, tuple[Sam, float]] = {"reference": (tiny, bench.size_mb(tiny))}
-    f = fused(tiny, cfg)
-    steps["fused"] = (f, bench.size_mb(f))
     p = pruned(tiny, cfg, progress)
     pruning.save_pruned(p, run_dir / "pruned.pt")
-    attention.set_attention(p, cfg.attention)
-    steps["pruned"] = (p, bench.size_mb(p))
-    steps["pruned+int8"] = quantization.make_variant(p, cfg.quant)
-    s = distillation.deployable(distillation.load_shipped_student(tiny))
-    steps["student"] = (s, bench.size_mb(s))
-    steps["student+int8"] = quantization.make_variant(s, cfg.quant)
-    return steps
+    return {name: pytorch_step(name, tiny, p, cfg) for name in PYTORCH_STEPS}
 
 
 def _run_folder(path: str | Path) -> Path:
@@ -466,17 +478,8 @@ def build_variant(name: str, run_dir: str | Path, cfg: StackConfig = StackConfig
         return edge_variant(name, run_dir / f"tiny_encoder{q}.xml", run_dir / "tiny_decoder.xml", image, points, cfg.threads)
     if name not in PYTORCH_STEPS:
         raise ValueError(f"unknown variant {name!r}: choose from {', '.join(PYTORCH_STEPS + EDGE_VARIANTS)}")
-    tiny = models.load_sam("tiny")
-    if name == "reference":
-        sam, size = tiny, None
-    elif name == "fused":
-        sam, size = fused(tiny, cfg), None
-    elif name.startswith("pruned"):
-        sam = attention.set_attention(pruning.load_pruned(run_dir / "pruned.pt"), cfg.attention)
-        sam, size = quantization.make_variant(sam, cfg.quant) if name.endswith("int8") else (sam, None)
-    else:
-        sam = distillation.deployable(distillation.load_shipped_student(tiny))
-        sam, size = quantization.make_variant(sam, cfg.quant) if name.endswith("int8") else (sam, None)
+    p = pruning.load_pruned(run_dir / "pruned.pt") if name.startswith("pruned") else None
+    sam, size = pytorch_step(name, models.load_sam("tiny"), p, cfg)
     return torch_variant(name, sam, image, points, size)
 
 

@@ -19,17 +19,15 @@ student's embedding against those from the teacher's, EdgeSAM's idea) and `task_
 scenes' exact instance masks; the shipped student's last stage).
 
 The same training runs under `torchrun` with DistributedDataParallel (section "More than one
-machine"): `torchrun --nproc-per-node 2 -m edgelab.distillation --out runs/distill`.
+machine"): `torchrun --nproc-per-node 2 -m edgelab distill --out runs/distill` (the CLI's verb calls `run`).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -586,58 +584,25 @@ def bench_distill(teacher: Sam, students: dict[str, Sam], scenes: int = 20, repe
     return record
 
 
-# ---------------------------------------------------------------- the script (torchrun)
+# ---------------------------------------------------------------- one run, alone or under torchrun
 
 PROFILES = {"quick": {"steps": 600, "pool_scenes": 768},
             "full": {"steps": 8000, "pool_scenes": 4096}}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of `edgelab distill` and of `torchrun -m edgelab.distillation` (the same)."""
-    p.add_argument("--out", default="runs/distill", help="run folder (checkpoints, log, student.pt)")
-    p.add_argument("--student", default=DistillConfig.student, choices=list(STUDENTS))
-    p.add_argument("--profile", choices=list(PROFILES), default="quick")
-    p.add_argument("--steps", type=int, help="override the profile's steps")
-    p.add_argument("--pool-scenes", type=int, help="override the profile's scene pool")
-    p.add_argument("--batch-images", type=int, default=DistillConfig.batch_images)
-    p.add_argument("--lr", type=float, default=DistillConfig.lr)
-    p.add_argument("--loss", choices=LOSSES, default=DistillConfig.loss)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-scenes", type=int, default=DistillConfig.eval_scenes)
-    p.add_argument("--init", default="", help="start from this saved student's weights (a warm start)")
-    p.add_argument("--prompt-weight", type=float, default=DistillConfig.prompt_weight,
-                   help="add the prompt-in-the-loop loss (decoder masks vs the teacher's) with this weight")
-    p.add_argument("--prompt-points", type=int, default=DistillConfig.prompt_points,
-                   help="random point prompts per image for that loss")
-    p.add_argument("--task-weight", type=float, default=DistillConfig.task_weight,
-                   help="add the task loss (decoder masks vs the scenes' exact masks) with this weight")
-    p.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def _parser() -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(
-        prog="python -m edgelab.distillation",
-        description="Distil tiny SAM's image encoder into a student; runs under torchrun."))
-
-
-def config_from_args(args: argparse.Namespace) -> DistillConfig:
-    prof = PROFILES[args.profile]
-    pick = lambda value, key: prof[key] if value is None else value  # noqa: E731
-    cfg = DistillConfig(student=args.student, steps=pick(args.steps, "steps"),
-                        pool_scenes=pick(args.pool_scenes, "pool_scenes"), batch_images=args.batch_images,
-                        lr=args.lr, loss=args.loss, seed=args.seed, eval_scenes=args.eval_scenes,
-                        init=args.init, prompt_weight=args.prompt_weight, prompt_points=args.prompt_points,
-                        task_weight=args.task_weight)
+def profile_config(profile: str = "quick", **overrides) -> DistillConfig:
+    """A `DistillConfig` with a profile's steps and scene pool, then `overrides` (None: keep)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    cfg = DistillConfig(**{**PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}})
     cfg.check()
     return cfg
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Train one student as `args` say, alone or as one rank of a torchrun job; rank 0 returns
-    (and writes to ranks.json) every rank's weights digest, so a run can prove they agree."""
-    cfg = config_from_args(args)
+def run(cfg: DistillConfig, out: str | Path, fresh: bool = False, progress: bool = True) -> dict | None:
+    """Train one student (`edgelab distill`), alone or as one rank of a torchrun job (section
+    "More than one machine"). Rank 0 returns (and writes to ranks.json) every rank's weights
+    digest, so a run can prove they agree; other ranks return None."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = "cpu"
     if world > 1 and not dist.is_initialized():
@@ -651,7 +616,7 @@ def run(args: argparse.Namespace) -> dict:
     rank, world = _rank_world()
     try:
         teacher = models.load_sam("tiny", device=device)
-        sam = train_student(teacher, args.out, cfg, resume=not args.fresh, progress=not (args.no_progress or getattr(args, "json", False)))
+        sam = train_student(teacher, out, cfg, resume=not fresh, progress=progress and rank == 0)
         digests = [weights_digest(sam.image_encoder)]
         if world > 1:
             digests = [None] * world
@@ -659,27 +624,11 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    out = {"student": str(Path(args.out) / "student.pt"), "world_size": world, "rank_digests": digests,
-           "ranks_agree": len(set(digests)) == 1}
-    if rank == 0:
-        last = [json.loads(line) for line in open(Path(args.out) / "log.jsonl")][-1]
-        out.update(steps=last["step"], loss=last["loss"], miou_point=last.get("miou_point"),
-                   train_s=last["elapsed_s"])
-        (Path(args.out) / "ranks.json").write_text(json.dumps(out, indent=1))
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        out = run(args)
-    except (ValueError, models.CheckpointError) as e:
-        print(f"edgelab.distillation: error: {e}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(out))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    if rank != 0:
+        return None
+    last = [json.loads(line) for line in open(Path(out) / "log.jsonl")][-1]
+    record = {"student": str(Path(out) / "student.pt"), "world_size": world, "rank_digests": digests,
+              "ranks_agree": len(set(digests)) == 1, "steps": last["step"], "loss": last["loss"],
+              "miou_point": last.get("miou_point"), "train_s": last["elapsed_s"]}
+    (Path(out) / "ranks.json").write_text(json.dumps(record, indent=1))
+    return record

@@ -703,16 +703,6 @@ def finetune(sam: Sam, cfg: FinetuneConfig, teacher: Sam | None = None,
 
 # ---------------------------------------------------------------- the ratio study (CLI and notebook)
 
-def time_encoders(variants: dict[str, Sam], repeats: int = 5, warmup: int = 1) -> dict[str, bench.Timing]:
-    """Image-encoder latency of several models on one random image, interleaved in one run."""
-    first = next(iter(variants.values()))
-    size = first.image_encoder.img_size
-    x = torch.randn(1, 3, size, size, device=first.device)
-    with torch.inference_mode():
-        fns = {name: (lambda m=m: m.image_encoder(x)) for name, m in variants.items()}
-        return bench.compare(fns, warmup=warmup, repeats=repeats)
-
-
 def bench_prune(model: Sam, ratios: Sequence[float], kinds: Sequence[str], finetune_steps: int = 0,
                 scenes: int | None = None, repeats: int = 5, progress: bool = False) -> dict:
     """`edgelab bench prune`: `prune_study` as a bench record (random weights: no mIoU, no fine-tuning)."""
@@ -761,7 +751,7 @@ def prune_study(sam: Sam, ratios: Sequence[float], kinds: Iterable[str] = DEFAUL
                 histories[name] = finetune(model, finetune_cfg, teacher=sam, progress=progress, desc=name)
                 rows[name]["miou"] = score(model)
         variants[name] = model
-    timings = time_encoders(variants, repeats=repeats)
+    timings = bench.time_encoders(variants, repeats=repeats)
     for name, model in variants.items():
         rows[name].update(params=models.count_params(model.image_encoder), macs=encoder_macs(model),
                           median_s=timings[name].median_s, iqr_s=timings[name].iqr_s)
@@ -773,5 +763,5 @@ __all__ = ["KINDS", "DEFAULT_KINDS", "frobenius_norms", "rank_channels", "n_kept
            "torch_pruning_importance", "PrunePlan", "head_norms", "head_dim_norms", "prune_heads",
            "prune_head_dims", "SamAttentionPruner", "dependency_graph", "coupled_layers", "prune_encoder", "pruned_copy",
            "architecture", "build_pruned", "save_pruned", "load_pruned", "encoder_macs", "block_macs",
-           "sensitivity_scan", "plan_from_scan", "FinetuneConfig", "finetune", "time_encoders", "bench_prune",
+           "sensitivity_scan", "plan_from_scan", "FinetuneConfig", "finetune", "bench_prune",
            "prune_study"]

@@ -57,6 +57,21 @@ def test_bad_input_is_one_clear_line(args, words):
     assert "Traceback" not in err
 
 
+def test_ranges_are_checked_once_by_the_parser(capsys):
+    import argparse
+    assert cli.count(0, 64)("64") == 64 and cli.real(0, 1, above=True)("1") == 1.0
+    for parse, text, words in [(cli.count(1), "0", "a positive number"), (cli.count(0, 64), "65", "in [0, 64]"),
+                               (cli.count(0), "1.5", "whole number"), (cli.real(0, 1, above=True), "0", "in (0, 1]"),
+                               (cli.real(0), "-1", "0 or more"), (cli.real(0, above=True), "x", "a number")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=words.replace("[", r"\[").replace("(", r"\(")):
+            parse(text)
+    assert cli.main(["bench", "quant", "--repeats", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "edgelab: error: argument --repeats: must be a positive number, not 0"
+    with pytest.raises(SystemExit):  # argparse's --help prints and exits; main returns its status
+        cli.build_parser().parse_args(["eval", "--help"])
+    assert cli.main(["eval", "--help"]) == 0
+
+
 def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
     bad = tmp_path / "sam_vit_b.pth"
     bad.write_bytes(b"\x00garbage" * 100)

@@ -150,14 +150,15 @@ def test_bad_student_files_are_one_clear_error(teacher, tmp_path, tiny_checkpoin
 def test_two_torchrun_ranks_end_with_the_same_weights(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "edgelab.distillation", "--out", str(out), "--steps", "4", "--pool-scenes", "8",
-           "--batch-images", "2", "--eval-scenes", "1", "--no-progress"]
+           "-m", "edgelab", "distill", "--out", str(out), "--steps", "4", "--pool-scenes", "8",
+           "--batch-images", "2", "--eval-scenes", "1", "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     ranks = json.loads((out / "ranks.json").read_text())
     assert ranks["world_size"] == 2 and len(ranks["rank_digests"]) == 2
     assert ranks["ranks_agree"] and ranks["rank_digests"][0] == ranks["rank_digests"][1]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")] == [ranks]  # rank 0 only
 
 
 def test_cli_bench_distill_reports_teacher_and_students(trained):
@@ -224,8 +225,9 @@ def test_training_with_the_task_loss_runs_and_logs(teacher, small_pool, tmp_path
 
 @pytest.mark.parametrize("args, message", [
     (["distill", "--steps", "0"], "steps"),
-    (["distill", "--prompt-weight", "-1"], "prompt_weight"),
-    (["distill", "--task-weight", "-1"], "task_weight"),
+    (["distill", "--prompt-weight", "-1"], "--prompt-weight"),
+    (["distill", "--task-weight", "-1"], "--task-weight"),
+    (["distill", "--batch-images", "8", "--pool-scenes", "4"], "pool_scenes at least batch_images"),
     (["bench", "distill", "--student", "/no/such/student.pt"], "not found"),
 ])
 def test_cli_distill_bad_input_is_one_line(args, message):

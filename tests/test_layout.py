@@ -3,7 +3,7 @@
 - the core imports no chapter module; a chapter module imports only the core, except `deploy`
   (chapter 05), which stacks chapters 01-04 and `edge`, and `everything` (chapter 05), which
   decodes with chapter 01's prompt batching and runs on its own chapter's export and edge runtimes
-  (`deploy`, `edge`); the CLI is the one layer above them all;
+  (`deploy`, `edge`); the CLI (and `__main__`, which runs it) is the one layer above them all;
 - `checks` (the exercises' checks) may import chapter modules, to compare an answer with the
   chapter's own implementation; no chapter imports it;
 - no import cycle, counting imports inside functions;
@@ -23,7 +23,7 @@ PKG = Path(__file__).resolve().parent.parent / "edgelab"
 CHAPTERS = {"attention": "01", "pruning": "02", "quantization": "03", "distillation": "04",
             "deploy": "05", "edge": "05", "everything": "05"}
 COURSE = {"checks"}  # exercise checks: compare answers with the chapters' own code
-TOP = {"cli"}  # parses arguments and calls every chapter: nothing imports it
+TOP = {"cli", "__main__"}  # the CLI parses arguments and calls every chapter (`python -m edgelab` runs it): nothing else imports it
 MAY_IMPORT_CHAPTERS = {"deploy": {"attention", "pruning", "quantization", "distillation", "edge"},
                        # segment everything decodes with chapter 01's prompt batching, and runs on chapter 05's
                        # own export (deploy) and edge runtimes (edge)
@@ -57,10 +57,10 @@ def layering_problems(graph: dict[str, set[str]]) -> list[str]:
     problems = []
     for mod, deps in graph.items():
         for dep in sorted(deps):
-            if dep in TOP:
-                problems.append(f"{mod} -> {dep} (nothing imports the CLI)")
-            elif mod in TOP:
+            if mod in TOP:
                 continue
+            elif dep in TOP:
+                problems.append(f"{mod} -> {dep} (nothing imports the CLI)")
             elif mod in CHAPTERS and dep in COURSE:
                 problems.append(f"{mod} -> {dep} (no chapter imports the exercise checks)")
             elif mod not in CHAPTERS and dep in CHAPTERS and mod not in COURSE:
