@@ -306,6 +306,13 @@ def count_macs(module: torch.nn.Module, *inputs: Any) -> int:
     return counter.get_total_flops() // 2
 
 
+def encoder_macs(sam: torch.nn.Module) -> int:
+    """MACs of one image through a SAM's image encoder at its own input size (`count_macs`): the
+    MACs column of notebooks 02, 04 and 05 (`pruning.encoder_macs` adds other input sizes)."""
+    size = sam.image_encoder.img_size
+    return count_macs(sam.image_encoder, torch.zeros(1, 3, size, size, device=sam.device))
+
+
 # ---------------------------------------------------------------- records
 
 def _check_variant(variant: Mapping[str, Any]) -> None:
@@ -370,7 +377,7 @@ def as_table(variants: list[Mapping[str, Any]]) -> str:
 
 
 __all__ = ["WEIGHT_KINDS", "VARIANT_KEYS", "Timing", "machine_info", "time_callable", "compare",
-           "time_encoders", "cuda_peak_memory_mb", "minor_faults", "count_macs", "bench_record", "save_json", "as_table"]
+           "time_encoders", "cuda_peak_memory_mb", "minor_faults", "count_macs", "encoder_macs", "bench_record", "save_json", "as_table"]
 
 
 # --- comparing a variant with its reference -----------------------------------------------------

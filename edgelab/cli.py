@@ -329,34 +329,46 @@ def cmd_grade(args) -> dict:
     return {"rows": rows}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog=PROG, description="edgelab: making SAM fast and small on a CPU.")
-    sub = p.add_subparsers(dest="verb", required=True)
 
-    def model_args(sp, default="tiny"):
-        sp.add_argument("--model", default=default, choices=["tiny", "vit_b", "vit_l", "vit_h"])
-        sp.add_argument("--checkpoint", help="path to a SAM state dict for --model")
-        sp.add_argument("--weights", choices=["trained", "random", "checkpoint"],
-                        help="random: timing only, labelled so in every result")
-        sp.add_argument("--device", default="cpu")
-        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+def _model_args(sp: argparse.ArgumentParser, default: str = "tiny") -> None:
+    """--model, --checkpoint, --weights, --device and --json, shared by the verbs that load a SAM."""
+    from .models import CONFIGS, WEIGHT_KINDS
+    sp.add_argument("--model", default=default, choices=list(CONFIGS))
+    sp.add_argument("--checkpoint", help="path to a SAM state dict for --model")
+    sp.add_argument("--weights", choices=list(WEIGHT_KINDS),
+                    help="random: timing only, labelled so in every result")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+
+def _verb_eval(sub: argparse._SubParsersAction) -> None:
+    """`edgelab eval`."""
+    from .models import CONFIGS
     e = sub.add_parser("eval", help="mIoU on generated scenes, or agreement on a folder of images")
-    model_args(e)
+    _model_args(e)
     e.add_argument("--scenes", type=count(1), help="number of scenes (default: the whole eval split)")
     e.add_argument("--seed", type=int, help="first seed of other scenes than the eval split")
     e.add_argument("--prompt", choices=["point", "box"], default="point")
     e.add_argument("--split", choices=["eval", "val"], default="eval",
                    help="eval: the reporting split; val: the split choices are made on")
     e.add_argument("--images", help="folder of JPEG/PNG images (no ground truth)")
-    e.add_argument("--reference", choices=["tiny", "vit_b", "vit_l", "vit_h"])
+    e.add_argument("--reference", choices=list(CONFIGS))
     e.add_argument("--reference-checkpoint")
     e.set_defaults(fn=cmd_eval)
 
+
+def _verb_bench(sub: argparse._SubParsersAction) -> None:
+    """`edgelab bench`."""
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="what", required=True)
-    be = bsub.add_parser("encoder", help="image encoder and mask decoder latency")
-    model_args(be)
+    for add in BENCH_TARGETS:
+        add(bsub)
+
+
+def _bench_encoder(sub: argparse._SubParsersAction) -> None:
+    """`edgelab bench encoder`."""
+    be = sub.add_parser("encoder", help="image encoder and mask decoder latency")
+    _model_args(be)
     be.add_argument("--image-size", type=count(1), help="input side in px (default: the model's)")
     be.add_argument("--batch", type=count(1), default=1)
     be.add_argument("--prompts", type=count(1), default=8, help="point prompts per decoder call")
@@ -368,19 +380,26 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-memory", action="store_true", help="with --attention: skip the peak-memory runs")
     be.set_defaults(fn=cmd_bench_encoder)
 
-    bp = bsub.add_parser("prune", help="Frobenius-norm channel pruning at several ratios (notebook 02)")
-    model_args(bp)
+
+def _bench_prune(sub: argparse._SubParsersAction) -> None:
+    """`edgelab bench prune`."""
+    from .pruning import DEFAULT_KINDS, KINDS
+    bp = sub.add_parser("prune", help="Frobenius-norm channel pruning at several ratios (notebook 02)")
+    _model_args(bp)
     bp.add_argument("--ratios", default="0.2,0.4,0.6", help="comma-separated pruning ratios")
-    bp.add_argument("--kinds", default="mlp,head_dim,embed,neck",
-                    help="what to prune: mlp, heads, head_dim, embed, neck (comma-separated)")
+    bp.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                    help=f"what to prune: {', '.join(KINDS)} (comma-separated)")
     bp.add_argument("--finetune-steps", type=count(0), default=0, help="fine-tuning steps per pruned variant")
     bp.add_argument("--scenes", type=count(1), default=50, help="eval scenes for mIoU (trained weights)")
     bp.add_argument("--image-size", type=count(1), help="input side in px (with --weights random)")
     bp.add_argument("--repeats", type=count(1), default=5)
     bp.set_defaults(fn=cmd_bench_prune)
 
-    bq = bsub.add_parser("quant", help="FP32 / BF16 / INT8 variants in one run (notebook 03)")
-    model_args(bq)
+
+def _bench_quant(sub: argparse._SubParsersAction) -> None:
+    """`edgelab bench quant`."""
+    bq = sub.add_parser("quant", help="FP32 / BF16 / INT8 variants in one run (notebook 03)")
+    _model_args(bq)
     bq.add_argument("--variants", default="fp32,bf16,int8_weight_only,w8a8,w8a8_fbgemm",
                     help="comma-separated: fp32, bf16, int8_weight_only, int4_weight_only, w8a8, "
                          "w8a8_fbgemm, w8a8_torchao")
@@ -391,7 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--repeats", type=count(1), default=5)
     bq.set_defaults(fn=cmd_bench_quant)
 
-    bd = bsub.add_parser("distill", help="the tiny teacher and each shipped student (notebook 04)")
+
+def _bench_distill(sub: argparse._SubParsersAction) -> None:
+    """`edgelab bench distill`."""
+    bd = sub.add_parser("distill", help="the tiny teacher and each shipped student (notebook 04)")
     bd.add_argument("--student", action="append", metavar="PATH",
                     help="a student saved by `edgelab distill` (repeatable; default: the shipped one)")
     bd.add_argument("--scenes", type=count(1), default=50, help="eval scenes for mIoU and agreement")
@@ -400,7 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     bd.set_defaults(fn=cmd_bench_distill)
 
-    bev = bsub.add_parser("everything", help="segment everything: the automatic mask generator, timed and scored (chapter 05)")
+
+def _bench_everything(sub: argparse._SubParsersAction) -> None:
+    """`edgelab bench everything`."""
+    bev = sub.add_parser("everything", help="segment everything: the automatic mask generator, timed and scored (chapter 05)")
     bev.add_argument("--scenes", type=count(1), default=10)
     bev.add_argument("--split", choices=["eval", "val"], default="eval")
     bev.add_argument("--points-per-side", type=count(1), default=16)
@@ -408,25 +433,36 @@ def build_parser() -> argparse.ArgumentParser:
     bev.add_argument("--json", action="store_true")
     bev.set_defaults(fn=cmd_bench_everything)
 
-    bm = bsub.add_parser("machine", help="this machine's GEMM rates per dtype and memory bandwidth (the roofline)")
+
+def _bench_machine(sub: argparse._SubParsersAction) -> None:
+    """`edgelab bench machine`."""
+    bm = sub.add_parser("machine", help="this machine's GEMM rates per dtype and memory bandwidth (the roofline)")
     bm.add_argument("--n", type=count(1), default=1024, help="GEMM size n x n x n")
     bm.add_argument("--mb", type=count(1), default=256, help="buffer copied to measure the bandwidth")
     bm.add_argument("--repeats", type=count(1), default=5)
     bm.add_argument("--json", action="store_true")
     bm.set_defaults(fn=cmd_bench_machine)
 
-    bdp = bsub.add_parser("deploy", help="the stack and ONNX Runtime variants of tiny (notebook 05)")
+
+def _bench_deploy(sub: argparse._SubParsersAction) -> None:
+    """`edgelab bench deploy` (the stack's defaults are `deploy.StackConfig`'s)."""
+    from .deploy import StackConfig
+    bdp = sub.add_parser("deploy", help="the stack, ONNX Runtime and OpenVINO variants of tiny (notebook 05)")
     bdp.add_argument("--out", default="runs/deploy", help="run folder for the pruned model and ONNX files")
     bdp.add_argument("--scenes", type=count(1), default=30, help="eval scenes for mIoU and agreement")
     bdp.add_argument("--repeats", type=count(1), default=20)
-    bdp.add_argument("--attention", default="sdpa", help="chapter 01's attention variant for the fused step")
-    bdp.add_argument("--prune-ratio", type=float, default=0.4)
-    bdp.add_argument("--finetune-steps", type=count(0), default=60)
-    bdp.add_argument("--prompts", type=count(1), default=1, help="point prompts per frame")
+    bdp.add_argument("--attention", default=StackConfig.attention,
+                     help="chapter 01's attention variant for the fused step")
+    bdp.add_argument("--prune-ratio", type=float, default=StackConfig.prune_ratio)
+    bdp.add_argument("--finetune-steps", type=count(0), default=StackConfig.finetune_steps)
+    bdp.add_argument("--prompts", type=count(1), default=StackConfig.prompts, help="point prompts per frame")
     bdp.add_argument("--no-memory", action="store_true", help="skip peak memory (a fresh process)")
     bdp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     bdp.set_defaults(fn=cmd_bench_deploy)
 
+
+def _verb_distill(sub: argparse._SubParsersAction) -> None:
+    """`edgelab distill`."""
     from .distillation import LOSSES, PROFILES, STUDENTS, DistillConfig
     d = sub.add_parser("distill", help="distil tiny's image encoder into a student (notebook 04); "
                                        "the same under `torchrun -m edgelab distill`")
@@ -452,11 +488,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_distill)
 
+
+def _verb_train_tiny(sub: argparse._SubParsersAction) -> None:
+    """`edgelab train-tiny`."""
     t = sub.add_parser("train-tiny", help="reproduce the shipped tiny SAM from its seed")
     t.add_argument("--out", default="runs/train-tiny")
     t.add_argument("--steps", type=count(1))
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--hours", type=real(0, 48, above=True), help="training-time budget: the schedule spans it, summed over resumes")
+    t.add_argument("--hours", type=real(0, 48, above=True),
+                   help="training-time budget: the schedule spans it, summed over resumes")
     t.add_argument("--stop-after", type=count(1), help="end at this step (the schedule still spans --steps)")
     t.add_argument("--threads", type=count(0), default=0, help="torch threads (0: torch's default)")
     t.add_argument("--eval-scenes", type=count(1), default=training_default("eval_scenes"),
@@ -480,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=cmd_train_tiny)
 
+
+def _verb_tune_iou_head(sub: argparse._SubParsersAction) -> None:
+    """`edgelab tune-iou-head`."""
     h = sub.add_parser("tune-iou-head", help="refit only tiny's IoU head (its masks stay as they are)")
     h.add_argument("--init", default="data/sam_tiny.pt", help="the tiny weights whose IoU head is refitted")
     h.add_argument("--out", default="runs/tune-iou-head")
@@ -491,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--json", action="store_true")
     h.set_defaults(fn=cmd_tune_iou_head)
 
+
+def _verb_run(sub: argparse._SubParsersAction) -> None:
+    """`edgelab run`."""
     r = sub.add_parser("run", help="execute the notebooks with papermill into a run folder")
     r.add_argument("--profile", choices=["quick", "full"], default="quick")
     r.add_argument("--out", default=None, help="run folder (default runs/<profile>-<time>)")
@@ -500,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_run)
 
+
+def _verb_sweep(sub: argparse._SubParsersAction) -> None:
+    """`edgelab sweep`."""
     sw = sub.add_parser("sweep", help="run one notebook over a parameter grid in parallel processes")
     sw.add_argument("notebook", help="notebook name or prefix, e.g. 02")
     sw.add_argument("-p", "--param", nargs="+", action="append", metavar="NAME V1",
@@ -510,6 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--json", action="store_true")
     sw.set_defaults(fn=cmd_sweep)
 
+
+def _verb_report(sub: argparse._SubParsersAction) -> None:
+    """`edgelab report`."""
     rep = sub.add_parser("report", help="gather results records into one table (Markdown, CSV, HTML) and a plot")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out", help="folder for report.md/.csv/.html and latency_miou.png (default: the first run folder)")
@@ -517,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true")
     rep.set_defaults(fn=cmd_report)
 
+
+def _verb_student(sub: argparse._SubParsersAction) -> None:
+    """`edgelab student`."""
     st = sub.add_parser("student", help="write the student notebooks (solutions stubbed, outputs cleared)")
     st.add_argument("out_dir")
     st.add_argument("--only", nargs="+", help="notebook names (or prefixes like 00)")
@@ -525,11 +580,28 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(fn=cmd_student)
 
+
+def _verb_grade(sub: argparse._SubParsersAction) -> None:
+    """`edgelab grade`."""
     g = sub.add_parser("grade", help="run the exercises of submitted notebooks, one row per exercise")
     g.add_argument("submissions", nargs="+", help="notebooks, or folders of them (one folder per student)")
     g.add_argument("--csv", help="also write the rows to this CSV file")
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_grade)
+
+
+BENCH_TARGETS = (_bench_encoder, _bench_prune, _bench_quant, _bench_distill, _bench_everything, _bench_machine,
+                 _bench_deploy)
+VERBS = (_verb_eval, _verb_bench, _verb_distill, _verb_train_tiny, _verb_tune_iou_head, _verb_run, _verb_sweep,
+         _verb_report, _verb_student, _verb_grade)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `edgelab` parser: each `_verb_*` function adds one verb, each `_bench_*` one benchmark."""
+    p = Parser(prog=PROG, description="edgelab: making SAM fast and small on a CPU.")
+    sub = p.add_subparsers(dest="verb", required=True)
+    for add in VERBS:
+        add(sub)
     return p
 
 

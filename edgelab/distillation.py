@@ -496,12 +496,6 @@ def load_shipped_student(teacher: Sam) -> Sam:
 
 # ---------------------------------------------------------------- the students table
 
-def encoder_macs(sam: Sam) -> int:
-    """MACs of one image through the image encoder (torch.utils.flop_counter)."""
-    size = sam.image_encoder.img_size
-    return bench.count_macs(sam.image_encoder, torch.zeros(1, 3, size, size, device=sam.device))
-
-
 def eval_images(n: int) -> list[np.ndarray]:
     """The first `n` images of the fixed eval split."""
     ds = scenes.SceneDataset("eval", n)
@@ -522,7 +516,7 @@ def students_table(teacher: Sam, students: dict[str, Sam], n_eval: int = 20, rep
     images = eval_images(n_eval)
     rows = []
     for name, sam in tqdm(everyone.items(), desc="students table", disable=not progress, leave=False):
-        row = {"name": name, "params": models.count_params(sam.image_encoder), "macs": encoder_macs(sam),
+        row = {"name": name, "params": models.count_params(sam.image_encoder), "macs": bench.encoder_macs(sam),
                "median_s": times[name]["median_s"], "iqr_s": times[name]["iqr_s"],
                "embedding_rel_err": times[name]["rel_err"],
                "speedup": times["teacher"]["median_s"] / times[name]["median_s"],

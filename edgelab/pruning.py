@@ -529,13 +529,14 @@ def load_pruned(path: str | Path, device: str | torch.device = "cpu") -> Sam:
 # ---------------------------------------------------------------- measuring
 
 def encoder_macs(sam: Sam, img_size: int | None = None) -> int:
-    """MACs of one image encoder pass, counted on the meta device (no weights, no time)."""
+    """`bench.encoder_macs`, also at another input size: a pruned or unpruned SAM loaded by
+    `models` is rebuilt on the meta device at `img_size` (no weights, no time) and counted there."""
     info = getattr(sam, "edgelab", None)
     name = info.name if info else None
-    if name is None:  # an unlabelled model: count it where it is
-        size = sam.image_encoder.img_size
-        with torch.no_grad():
-            return bench.count_macs(sam.image_encoder, torch.zeros(1, 3, size, size, device=sam.device))
+    if name is None or name not in models.CONFIGS:  # not rebuildable: count it where it is, at its size
+        if img_size not in (None, sam.image_encoder.img_size):
+            raise ValueError(f"cannot resize {name or 'an unlabelled model'}: count it at its own input size")
+        return bench.encoder_macs(sam)
     size = img_size or sam.image_encoder.img_size
     meta = build_pruned(name, architecture(sam), img_size=size, device="meta")
     return bench.count_macs(meta.image_encoder, torch.zeros(1, 3, size, size, device="meta"))

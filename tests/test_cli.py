@@ -95,6 +95,20 @@ def test_agreement_on_a_folder(tmp_path):
 
 
 def test_parser_knows_the_verbs():
+    """Every verb and bench target parses with its defaults, calls its own cmd_ function, and takes --json."""
     p = cli.build_parser()
-    for verb in (["run"], ["eval"], ["bench", "encoder"], ["train-tiny"], ["report", "x"]):
-        assert p.parse_args(verb).verb == verb[0]
+    positional = {"report": ["x"], "sweep": ["00"], "student": ["x"], "grade": ["x"]}
+    verbs = ["eval", "distill", "train-tiny", "tune-iou-head", "run", "sweep", "report", "student", "grade"]
+    targets = ["encoder", "prune", "quant", "distill", "everything", "machine", "deploy"]
+    calls = [[v, *positional.get(v, [])] for v in verbs] + [["bench", t] for t in targets]
+    for argv in calls:
+        args = p.parse_args([*argv, "--json"])
+        assert args.verb == argv[0] and args.json
+        assert args.fn.__name__ == "cmd_" + "_".join(argv[:2] if argv[0] == "bench" else argv[:1]).replace("-", "_")
+    assert len(calls) == len(cli.VERBS) - 1 + len(cli.BENCH_TARGETS)
+    from edgelab import deploy, pruning
+    d = p.parse_args(["bench", "deploy"])  # the library's defaults, not copies of them
+    assert (d.attention, d.prune_ratio, d.finetune_steps) == (deploy.StackConfig.attention,
+                                                             deploy.StackConfig.prune_ratio,
+                                                             deploy.StackConfig.finetune_steps)
+    assert p.parse_args(["bench", "prune"]).kinds.split(",") == list(pruning.DEFAULT_KINDS)

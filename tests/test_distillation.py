@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_cli
-from edgelab import checks, distillation as D, models
+from edgelab import bench, checks, distillation as D, models
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_every_student_gives_the_teachers_embedding_shape(teacher, kind):
     with torch.no_grad():
         assert sam.image_encoder(x).shape == teacher.image_encoder(x).shape == (2, 128, 16, 16)
     assert models.count_params(sam.image_encoder) < models.count_params(teacher.image_encoder)
-    assert D.encoder_macs(sam) < D.encoder_macs(teacher)
+    assert bench.encoder_macs(sam) < bench.encoder_macs(teacher)
 
 
 def test_stride_8_student_reads_a_2x2_average_of_the_image(teacher):

@@ -156,6 +156,16 @@ def test_torch_pruning_mlp_matches_the_hand_slicing(tiny):
     assert torch.equal(tp_mlp.lin1.weight, hand1.weight) and torch.equal(tp_mlp.lin2.weight, hand2.weight)
 
 
+def test_encoder_macs_counts_any_sam_and_resizes_only_what_it_can_rebuild(tiny):
+    from edgelab import bench, distillation
+    student = distillation.make_student(tiny, "resnet18")  # labelled "student:...": not a models config
+    assert pruning.encoder_macs(student) == bench.encoder_macs(student) > 0
+    assert pruning.encoder_macs(tiny) == bench.encoder_macs(tiny)  # the meta rebuild counts the same
+    assert pruning.encoder_macs(tiny, img_size=512) > 4 * pruning.encoder_macs(tiny)
+    with pytest.raises(ValueError, match="cannot resize"):
+        pruning.encoder_macs(student, img_size=512)
+
+
 @pytest.mark.parametrize("kinds", [["mlp", "heads", "neck"], ["embed"], ["head_dim", "mlp"]])
 def test_pruned_sam_runs_in_sam_predictor_with_the_decoder_untouched(tiny, kinds):
     model = pruning.pruned_copy(tiny, pruning.PrunePlan.uniform(0.4, 6, kinds))
