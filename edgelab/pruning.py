@@ -375,13 +375,13 @@ def coupled_layers(dg: tp.DependencyGraph, layer: nn.Module, fn: Callable) -> li
     Notebook 02, "Pruning SAM's encoder": what one pruning decision has to change.
     """
     n = dg.get_out_channels(layer)
+    names = {id(obj): name for name, obj in [*dg.model.named_modules(), *dg.model.named_parameters()]}
     out = []
     for dep, _ in dg.get_pruning_group(layer, fn, idxs=list(range(n))):
         node = dep.target
         if isinstance(node.module, (nn.Module, nn.Parameter)) and not type(node.module).__module__.startswith("torch_pruning"):
             side = "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
-            name = dg._param_to_name.get(node.module) or dg._module2name.get(node.module, "?")
-            out.append(f"{name} ({side})")
+            out.append(f"{names.get(id(node.module), '?')} ({side})")
     natural = lambda s: [int(t) if t.isdigit() else t for t in s.replace(".", " ").split()]  # noqa: E731
     return sorted(set(out), key=natural)
 

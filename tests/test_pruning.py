@@ -156,6 +156,19 @@ def test_torch_pruning_mlp_matches_the_hand_slicing(tiny):
     assert torch.equal(tp_mlp.lin1.weight, hand1.weight) and torch.equal(tp_mlp.lin2.weight, hand2.weight)
 
 
+def test_coupled_layers_names_what_one_channel_touches(tiny):
+    """Notebook 02's dependency-graph cell: names come from the encoder's own named modules and parameters."""
+    import torch_pruning as tp
+    enc = tiny.image_encoder
+    dg = pruning.dependency_graph(enc)
+    assert pruning.coupled_layers(dg, enc.blocks[0].mlp.lin1, tp.prune_linear_out_channels) == [
+        "blocks.0.mlp.lin1 (out)", "blocks.0.mlp.lin2 (in)"]
+    assert pruning.coupled_layers(dg, enc.neck[0], tp.prune_conv_out_channels) == [
+        "neck.0 (out)", "neck.1.bias (out)", "neck.1.weight (out)", "neck.2 (in)"]
+    embed = pruning.coupled_layers(dg, enc.patch_embed.proj, tp.prune_conv_out_channels)
+    assert {"patch_embed.proj (out)", "pos_embed (out)", "neck.0 (in)"} <= set(embed) and "?" not in " ".join(embed)
+
+
 def test_encoder_macs_counts_any_sam_and_resizes_only_what_it_can_rebuild(tiny):
     from edgelab import bench, distillation
     student = distillation.make_student(tiny, "resnet18")  # labelled "student:...": not a models config
