@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 from typing import Iterator, Mapping
 
 import torch
@@ -105,32 +106,39 @@ def _event_category(event) -> str:
 
 
 def profile_categories(module: torch.nn.Module, *inputs: torch.Tensor,
-                       warmup: int = 1) -> tuple[dict[str, float], object]:
+                       warmup: int = 1, runs: int = 1) -> tuple[dict[str, float], object]:
     """Seconds of one forward of `module` by category, from torch.profiler (section "Where the time goes").
 
     Each op's self time goes to the innermost labelled module around it (`category_scopes`), or
     else to the category of its outermost op ("aten::bmm" -> attention matmuls, softmax, other).
-    `warmup` unprofiled forwards run first (first calls pay for allocation and lazy setup).
+    `warmup` unprofiled forwards run first (first calls pay for allocation and lazy setup); with
+    `runs` > 1 each of that many forwards is profiled on its own and each category's median kept,
+    so that one slow forward on a shared machine does not make the profile.
     Returns:
         ({category: seconds} in CATEGORIES order, the module's output).
     """
+    if runs < 1:
+        raise ValueError(f"runs must be 1 or more, not {runs}")
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # keep the profiler's start/stop chatter quiet
     for _ in range(warmup):
         module(*inputs)
     on_gpu = any(torch.is_tensor(t) and t.is_cuda for t in inputs)
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
-    with category_scopes(module), torch.profiler.profile(activities=acts) as prof:
-        out = module(*inputs)
-        if on_gpu:
-            torch.cuda.synchronize()
-    seconds = dict.fromkeys(CATEGORIES, 0.0)
-    for ev in prof.events():
-        if ev.device_type != torch.autograd.DeviceType.CPU:
-            continue
-        # on a GPU an op's time is that of the kernels it launched, not its CPU launch time
-        us = (getattr(ev, "self_device_time_total", None) or 0) if on_gpu else ev.self_cpu_time_total
-        seconds[_event_category(ev)] += us / 1e6
-    return seconds, out
+    per_run = []
+    for _ in range(runs):
+        with category_scopes(module), torch.profiler.profile(activities=acts) as prof:
+            out = module(*inputs)
+            if on_gpu:
+                torch.cuda.synchronize()
+        seconds = dict.fromkeys(CATEGORIES, 0.0)
+        for ev in prof.events():
+            if ev.device_type != torch.autograd.DeviceType.CPU:
+                continue
+            # on a GPU an op's time is that of the kernels it launched, not its CPU launch time
+            us = (getattr(ev, "self_device_time_total", None) or 0) if on_gpu else ev.self_cpu_time_total
+            seconds[_event_category(ev)] += us / 1e6
+        per_run.append(seconds)
+    return {c: statistics.median(r[c] for r in per_run) for c in CATEGORIES}, out
 
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

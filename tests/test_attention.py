@@ -160,6 +160,16 @@ def test_categories_cover_time_and_flops(tiny_bias):
         assert secs[cat] > 0, cat
     assert abs(sum(profiling.shares(secs).values()) - 1) < 1e-9
     assert sam_encoder.add_decomposed_rel_pos.__name__ == "add_decomposed_rel_pos", "patch not undone"
+    calls = []
+    hook = tiny_bias.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.inference_mode():  # runs=3: three profiled forwards after the warm-up, a median per category
+            med, _ = profiling.profile_categories(tiny_bias.image_encoder, x, warmup=1, runs=3)
+    finally:
+        hook.remove()
+    assert len(calls) == 4 and set(med) == set(profiling.CATEGORIES) and med["Linear/MLP"] > 0
+    with pytest.raises(ValueError, match="runs"):
+        profiling.profile_categories(tiny_bias.image_encoder, x, runs=0)
 
 
 def test_classify_op():
