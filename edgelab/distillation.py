@@ -386,10 +386,7 @@ def train_student(teacher: Sam, run_dir: str | Path, cfg: DistillConfig = Distil
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, ckpt = 0, run / "checkpoint.pt"
     if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=teacher.device, weights_only=True)
-        student.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start = int(state["step"])
+        start = int(training.resume_state(student, opt, ckpt, teacher.device)["step"])
     model = student
     if world > 1:
         model = nn.parallel.DistributedDataParallel(student)
@@ -435,7 +432,7 @@ def train_student(teacher: Sam, run_dir: str | Path, cfg: DistillConfig = Distil
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if (step + 1) % cfg.checkpoint_every == 0 or last:
-            torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt)
+            training.save_atomic({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, ckpt)
     student.eval()
     if world > 1:  # DDP keeps parameters equal; BatchNorm statistics of the last step are rank 0's
         for b in student.buffers():

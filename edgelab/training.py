@@ -353,11 +353,25 @@ def _cpu_name() -> str:
     return bench.machine_info()["cpu"]
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    """torch.save through a temporary file, so a run killed mid-write leaves the last checkpoint."""
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save through a temporary file, so a run killed mid-write leaves the last checkpoint
+    (tiny's training and the students' in notebook 04)."""
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def resume_state(model: torch.nn.Module, opt: torch.optim.Optimizer, ckpt: Path, device) -> dict:
+    """Load a run's checkpoint ({"model", "optimizer", "step", ...}) into `model` and `opt`; a file
+    that cannot be resumed is one clear error (`models.CheckpointError`) naming the way out."""
+    try:
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except Exception as e:
+        raise models.CheckpointError(f"{ckpt} cannot be resumed ({type(e).__name__}: {str(e)[:120]}); "
+                                     "move it away or pass --fresh") from None
+    return state
 
 
 def config_from_json(d: dict) -> TrainConfig:
@@ -381,13 +395,7 @@ def _resume(run: Path, cfg: TrainConfig, sam: Sam, opt: torch.optim.Optimizer, d
     ckpt = run / "checkpoint.pt"
     if not ckpt.is_file():
         return 0, 0.0
-    try:
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        sam.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-    except Exception as e:
-        raise models.CheckpointError(f"{ckpt} cannot be resumed ({type(e).__name__}: {str(e)[:120]}); "
-                                     "move it away or pass --fresh") from None
+    state = resume_state(sam, opt, ckpt, device)
     saved = state.get("config")  # read through TrainConfig: fields newer than the run take their defaults
     if saved and _recipe(asdict(config_from_json(json.loads(saved)))) != _recipe(asdict(cfg)):
         raise ValueError(f"{ckpt} was written by a run with another configuration; "
@@ -468,7 +476,7 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
             log.write(json.dumps(rec) + "\n")
             log.flush()
             if done or due:
-                _save_atomic({"model": sam.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                save_atomic({"model": sam.state_dict(), "optimizer": opt.state_dict(), "step": step,
                               "train_seconds": seconds, "config": json.dumps(asdict(cfg))}, run / "checkpoint.pt")
                 last_ckpt = time.time()
     bar.close()

@@ -284,3 +284,14 @@ def test_students_reading_follows_the_numbers():
     with pytest.raises(ValueError, match="teacher"):
         D.students_reading([fast, good])
 
+
+
+def test_a_checkpoint_that_cannot_be_resumed_is_one_clear_error(teacher, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"half a checkpoint")  # a run killed mid-write, before atomic saves
+    cfg = D.DistillConfig(steps=1, batch_images=2, pool_scenes=2, eval_scenes=1)
+    with pytest.raises(models.CheckpointError, match="cannot be resumed.*--fresh"):
+        D.train_student(teacher, tmp_path, cfg, progress=False)
+    code, _, err = run_cli("distill", "--out", str(tmp_path), "--steps", "1", "--pool-scenes", "2",
+                           "--batch-images", "2", "--json")
+    assert code == 2 and "cannot be resumed" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"half a checkpoint"  # nothing lost

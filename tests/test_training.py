@@ -4,6 +4,7 @@ No test retrains the shipped model (that is `edgelab train-tiny --hours H`, hour
 """
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,18 @@ def test_cli_refuses_a_bad_iou_head_run(tmp_path):
     assert code == 2 and "--scenes" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("tune-iou-head", "--out", str(tmp_path), "--init", str(tmp_path / "missing.pt"))
     assert code == 2 and "not found" in err and len(err.strip().splitlines()) == 1
+
+
+def test_save_atomic_keeps_the_last_checkpoint_when_a_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    training.save_atomic({"step": 1}, path)
+
+    def killed(obj, f):  # a process killed mid-write: part of the file, then nothing
+        Path(f).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
