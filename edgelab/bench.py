@@ -25,8 +25,7 @@ import torch.utils.benchmark as torch_benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import profiling  # noqa: F401 - registers the FLOPs of SDPA's CPU kernel for count_macs
-
-WEIGHT_KINDS = ("trained", "random", "checkpoint")  # the same three kinds as models.WEIGHT_KINDS
+from .models import WEIGHT_KINDS  # noqa: F401 - a bench record's `weights` is one of the models' kinds
 VARIANT_KEYS = ("name", "label", "batch", "image_size", "median_s", "iqr_s", "peak_mem_mb",
                 "params", "macs", "size_mb", "miou", "agreement", "max_abs_err", "rel_err",
                 "rate", "unit", "roofline_s", "of_limit", "encoder_s", "decoder_s", "post_s",
