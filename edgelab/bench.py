@@ -25,7 +25,7 @@ import torch.utils.benchmark as torch_benchmark
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import profiling  # noqa: F401 - registers the FLOPs of SDPA's CPU kernel for count_macs
-from .models import WEIGHT_KINDS  # noqa: F401 - a bench record's `weights` is one of the models' kinds
+from .models import WEIGHT_KINDS, count_params, weights_label  # a bench record's `weights` is a models kind
 VARIANT_KEYS = ("name", "label", "batch", "image_size", "median_s", "iqr_s", "peak_mem_mb",
                 "params", "macs", "size_mb", "miou", "agreement", "max_abs_err", "rel_err",
                 "rate", "unit", "roofline_s", "of_limit", "encoder_s", "decoder_s", "post_s",
@@ -225,7 +225,6 @@ def race(fns: Mapping[str, Callable[[], Any]], reference: str | None = None, *, 
 def encoder_decoder(model: torch.nn.Module, batch: int = 1, prompts: int = 1, repeats: int = 5) -> dict[str, Any]:
     """Image encoder (a batch of images) against mask decoder (`prompts` points on one image),
     interleaved: the bench record of `edgelab bench encoder` (notebook 00, "Where a frame's time goes")."""
-    from .models import count_params, weights_label
     size = model.image_encoder.img_size
     dev = next(model.parameters()).device
     x = torch.randn(batch, 3, size, size, device=dev)

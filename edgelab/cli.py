@@ -329,7 +329,6 @@ def cmd_grade(args) -> dict:
     return {"rows": rows}
 
 
-
 def _model_args(sp: argparse.ArgumentParser, default: str = "tiny") -> None:
     """--model, --checkpoint, --weights, --device and --json, shared by the verbs that load a SAM."""
     from .models import CONFIGS, WEIGHT_KINDS

@@ -636,14 +636,18 @@ def best_deployable(rows: Sequence[dict], reference: str = "reference", slack: f
     reporting) is within `slack` of the reference's: the chapter's bar
     (section "Every variant, measured the same way")."""
     _require(rows, key)
-    ref = next(r for r in rows if r["name"] == reference)
-    ok = [r for r in rows if r.get(key) is not None and r[key] >= ref[key] - slack]
-    return min(ok, key=lambda r: r["median_s"])
+    return _within_bar(rows, reference, slack, key)[0]
 
 
 def _require(rows: Sequence[dict], key: str) -> None:
     if not any(r.get(key) is not None for r in rows):
         raise ValueError(f"no row has {key!r}: choices are made on the validation split (measure(..., n_val=...))")
+
+
+def _within_bar(rows: Sequence[dict], reference: str, slack: float, key: str) -> list[dict]:
+    """The rows whose `key` mIoU is within `slack` of `reference`'s, fastest frame first."""
+    ref = next(r for r in rows if r["name"] == reference)
+    return sorted((r for r in rows if r.get(key) is not None and r[key] >= ref[key] - slack), key=lambda r: r["median_s"])
 
 
 def within_noise(a: dict, b: dict, ious: str = "val_ious") -> bool:
@@ -662,7 +666,7 @@ def choice_reading(rows: Sequence[dict], pick: dict, reference: str = "reference
     fastest of them beyond the noise or ties with it, the tie broken by latency
     (section "Every variant, measured the same way")."""
     ref = next(r for r in rows if r["name"] == reference)
-    ok = sorted((r for r in rows if r.get(key) is not None and r[key] >= ref[key] - slack), key=lambda r: r["median_s"])
+    ok = _within_bar(rows, reference, slack, key)
     out = [f"Chosen on the validation split ({len(pick.get(ious) or [])} objects): {pick['name']} has the fastest frame "
            f"({pick['median_s'] * 1e3:.2f} ms) of the {len(ok)} variants within {slack * 100:.0f} points of the "
            f"reference's val mIoU ({ref[key]:.3f})."]

@@ -477,7 +477,7 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
             log.flush()
             if done or due:
                 save_atomic({"model": sam.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                              "train_seconds": seconds, "config": json.dumps(asdict(cfg))}, run / "checkpoint.pt")
+                             "train_seconds": seconds, "config": json.dumps(asdict(cfg))}, run / "checkpoint.pt")
                 last_ckpt = time.time()
     bar.close()
     final = run / "sam_tiny.pt"
