@@ -62,6 +62,24 @@ def real(low: float, high: float = math.inf, *, above: bool = False) -> Callable
     return parse
 
 
+def device(text: str) -> str:
+    """An argparse `type`: a torch device this machine has ("cpu", "cuda", "cuda:1", ...)."""
+    if text == "cpu":
+        return text
+    import torch
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu or cuda, not {text!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (use cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: edgelab runs on cpu or cuda")
+    return text
+
+
 def _load(args):
     from . import models  # load_sam itself refuses contradictory weights/checkpoint arguments
     return models.load_sam(args.model, checkpoint=args.checkpoint, weights=args.weights, device=args.device)
@@ -241,7 +259,8 @@ def cmd_train_tiny(args) -> dict:
                                checkpoint_minutes=args.checkpoint_minutes, lr=args.lr, warmup=args.warmup,
                                box_noise=args.box_noise, scene_offset=args.scene_offset,
                                init=str(args.init) if args.init else None, box_prompts=args.box_prompts,
-                               freeze_encoder=args.freeze_encoder, iou_weight=args.iou_weight)
+                               freeze_encoder=args.freeze_encoder, iou_weight=args.iou_weight,
+                               batch_images=args.batch_images, workers=args.workers)
     if args.freeze_encoder and not args.init:
         raise UsageError("--freeze-encoder trains the decoder of trained weights: give them with --init")
     if args.init:
@@ -336,7 +355,7 @@ def _model_args(sp: argparse.ArgumentParser, default: str = "tiny") -> None:
     sp.add_argument("--checkpoint", help="path to a SAM state dict for --model")
     sp.add_argument("--weights", choices=list(WEIGHT_KINDS),
                     help="random: timing only, labelled so in every result")
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--device", type=device, default="cpu")
     sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
@@ -417,7 +436,7 @@ def _bench_distill(sub: argparse._SubParsersAction) -> None:
                     help="a student saved by `edgelab distill` (repeatable; default: the shipped one)")
     bd.add_argument("--scenes", type=count(1), default=50, help="eval scenes for mIoU and agreement")
     bd.add_argument("--repeats", type=count(1), default=30)
-    bd.add_argument("--device", default="cpu")
+    bd.add_argument("--device", type=device, default="cpu")
     bd.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     bd.set_defaults(fn=cmd_bench_distill)
 
@@ -428,7 +447,7 @@ def _bench_everything(sub: argparse._SubParsersAction) -> None:
     bev.add_argument("--scenes", type=count(1), default=10)
     bev.add_argument("--split", choices=["eval", "val"], default="eval")
     bev.add_argument("--points-per-side", type=count(1), default=16)
-    bev.add_argument("--device", default="cpu")
+    bev.add_argument("--device", type=device, default="cpu")
     bev.add_argument("--json", action="store_true")
     bev.set_defaults(fn=cmd_bench_everything)
 
@@ -514,7 +533,11 @@ def _verb_train_tiny(sub: argparse._SubParsersAction) -> None:
                    help="box prompts per training scene")
     t.add_argument("--scene-offset", type=count(0), default=training_default("scene_offset"),
                    help="first training scene seed (a second phase draws scenes the first never saw)")
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--batch-images", type=count(1, 1024), default=training_default("batch_images"),
+                   help="scenes per step (a GPU wants more than the CPU recipe's; scale --lr with it)")
+    t.add_argument("--workers", type=count(0, 256), default=training_default("workers"),
+                   help="processes drawing scenes ahead of the model (0: in the loop; a GPU wants most of its cores)")
+    t.add_argument("--device", type=device, default="cpu", help="cpu, or cuda for a GPU (same command, same batches)")
     t.add_argument("--fresh", action="store_true", help="ignore a checkpoint in --out")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=cmd_train_tiny)

@@ -15,16 +15,23 @@ A run can last hours: `hours=` fits the cosine schedule to a budget of training 
 step's wall time, or its CPU time over its threads where that is less, as on a shared machine;
 added up over every resume), checkpoints land every few minutes (written atomically, with the
 optimizer state), and the validation split's mIoU is logged at each one. On a CPU with BF16
-instructions (avx512_bf16 or AMX) the forward pass runs under BF16 autocast.
+instructions (avx512_bf16 or AMX) the forward pass runs under BF16 autocast. On a GPU, worker
+processes draw the scenes and prompts ahead of the model (`step_batches`), the same batches as
+the loop draws alone.
 """
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -66,6 +73,7 @@ class TrainConfig:
     scene_offset: int = 0  # training scenes from this seed on (a second phase draws new scenes)
     freeze_encoder: bool = False  # train the prompt encoder and mask decoder only (a third phase)
     iou_weight: float = 1.0  # weight of the IoU head's MSE beside the mask loss
+    workers: int = 0  # processes drawing scenes and prompts ahead of the model (0: in the training loop)
 
 
 def tiny_config(cfg: TrainConfig) -> models.SamConfig:
@@ -196,9 +204,14 @@ def _prompt_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Te
 
 def train_step(sam: Sam, batch: list[scenes.Scene], cfg: TrainConfig, rng: np.random.Generator) -> dict:
     """One optimisation step's forward pass and loss on a batch of scenes (no backward)."""
+    return step_loss(sam, [s.image for s in batch], prompt_groups(batch, cfg, rng), cfg)
+
+
+def step_loss(sam: Sam, images: Sequence[np.ndarray], groups: dict, cfg: TrainConfig) -> dict:
+    """The forward pass and loss of one step whose CPU side (`prepare_step`) is done."""
     with torch.set_grad_enabled(not cfg.freeze_encoder and torch.is_grad_enabled()):
-        emb = sam.image_encoder(models.normalised([s.image for s in batch], sam))
-    return scene_loss(sam, emb, batch, cfg, rng)
+        emb = sam.image_encoder(models.normalised(images, sam))
+    return groups_loss(sam, emb, groups, cfg)
 
 
 def scene_loss(sam: Sam, emb: torch.Tensor, batch: list[scenes.Scene], cfg: TrainConfig,
@@ -206,21 +219,45 @@ def scene_loss(sam: Sam, emb: torch.Tensor, batch: list[scenes.Scene], cfg: Trai
     """SAM's loss on the exact masks of `batch`, given the image embeddings `emb` of its scenes:
     prompts drawn by `sample_prompts`, decoded by `decode`, scored by `_prompt_loss` per kind.
     Also the task loss of a student's fine-tuning (`distillation.task_loss`)."""
-    dev = sam.device
+    return groups_loss(sam, emb, prompt_groups(batch, cfg, rng), cfg)
+
+
+def prompt_groups(batch: list[scenes.Scene], cfg: TrainConfig, rng: np.random.Generator) -> dict:
+    """The prompts of a batch (`sample_prompts`, scene by scene), gathered per kind into arrays:
+    {kind: (image index of each prompt, coords, labels or None, target masks as `np.packbits`
+    along rows, their width)}. CPU work only, so `prepare_steps` can do it in a worker process; packed, the
+    masks cross to the training process in an eighth of the bytes."""
     groups: dict[str, list] = {"point": [], "box": [], "multi": []}
     for b, s in enumerate(batch):
         for kind, (coords, labels, idx) in sample_prompts(s.masks, cfg, rng).items():
             groups[kind].append((b, coords, labels, s.masks[idx]))
-    total, parts = 0.0, {}
+    out = {}
     for kind, items in groups.items():
-        which = torch.tensor(np.concatenate([[b] * len(c) for b, c, _, _ in items]), device=dev)
-        coords = torch.from_numpy(np.concatenate([c for _, c, _, _ in items])).to(dev)
-        target = torch.from_numpy(np.concatenate([m for _, _, _, m in items])).float().to(dev)
-        if kind == "box":
+        which = np.concatenate([[b] * len(c) for b, c, _, _ in items]).astype(np.int64)
+        coords = np.concatenate([c for _, c, _, _ in items])
+        labels = None if kind == "box" else np.concatenate([lab for _, _, lab, _ in items])
+        masks = np.concatenate([m for _, _, _, m in items])
+        out[kind] = (which, coords, labels, np.packbits(masks, axis=-1), masks.shape[-1])
+    return out
+
+
+def unpack_masks(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """`np.packbits(masks, axis=-1)` undone on the tensor's device: (..., ceil(W / 8)) uint8 -> (..., W) float."""
+    shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :width].float()
+
+
+def groups_loss(sam: Sam, emb: torch.Tensor, groups: dict, cfg: TrainConfig) -> dict:
+    """Decode every group of `prompt_groups` on the embeddings `emb` and sum SAM's loss over kinds."""
+    dev = sam.device
+    total, parts = 0.0, {}
+    for kind, (which, coords, labels, packed, width) in groups.items():
+        which, coords = torch.from_numpy(which).to(dev), torch.from_numpy(coords).to(dev)
+        target = unpack_masks(torch.from_numpy(packed).to(dev), width)
+        if labels is None:
             low, iou = decode(sam, emb, which, boxes=coords)
         else:
-            labels = torch.from_numpy(np.concatenate([lab for _, _, lab, _ in items])).to(dev)
-            low, iou = decode(sam, emb, which, points=(coords, labels))
+            low, iou = decode(sam, emb, which, points=(coords, torch.from_numpy(labels).to(dev)))
         loss, ml, il = _prompt_loss(low, iou, target, multimask=(kind == "point"), size=cfg.loss_size,
                                     focal_weight=cfg.focal_weight, iou_weight=cfg.iou_weight)
         total = total + loss
@@ -276,6 +313,56 @@ class SceneBatches:
         return [dihedral(s, int(k)) for s, k in zip(self._cache[1], rng.integers(8, size=len(seeds)))]
 
 
+@dataclass
+class StepBatch:
+    """The CPU side of one training step: its scenes' images and their prompts (`prompt_groups`)."""
+
+    step: int
+    images: list[np.ndarray]
+    groups: dict
+
+
+def prepare_steps(steps: Sequence[int], cfg: TrainConfig) -> list[StepBatch]:
+    """Scenes, flips and prompts of consecutive `steps`, each from its own rng ([seed, step]):
+    the same batches in the training loop or in a worker process."""
+    draw = SceneBatches(cfg, offset=cfg.scene_offset)
+    out = []
+    for step in steps:
+        rng = np.random.default_rng([cfg.seed, step])
+        batch = draw(step, rng)
+        out.append(StepBatch(step, [s.image for s in batch], prompt_groups(batch, cfg, rng)))
+    return out
+
+
+def _scene_blocks(start: int, reuse: int) -> Iterator[range]:
+    """Steps from `start` on, cut where a new batch of scenes is drawn (every `reuse` steps)."""
+    while True:
+        stop = (start // reuse + 1) * reuse
+        yield range(start, stop)
+        start = stop
+
+
+def step_batches(start: int, cfg: TrainConfig) -> Iterator[StepBatch]:
+    """The prepared steps of a run from `start` on, in order, without end. With `cfg.workers`
+    they are drawn that many processes ahead of the model (a GPU outruns one core drawing
+    scenes); the batches are the same either way. The workers are forked: they run numpy only.
+    Close the iterator to stop them."""
+    blocks = _scene_blocks(start, cfg.scene_reuse)
+    if not cfg.workers:
+        for block in blocks:
+            yield from prepare_steps(block, cfg)
+        return
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        ahead = deque(pool.submit(prepare_steps, next(blocks), cfg) for _ in range(2 * cfg.workers))
+        while True:
+            done = ahead.popleft().result()
+            ahead.append(pool.submit(prepare_steps, next(blocks), cfg))
+            yield from done
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _validate(sam: Sam, cfg: TrainConfig) -> dict:
     """Validation-split mIoU (point and box) on the first `cfg.eval_scenes` val scenes."""
     sam.eval()
@@ -285,13 +372,17 @@ def _validate(sam: Sam, cfg: TrainConfig) -> dict:
     return out
 
 
-def step_seconds(wall: float, cpu: float, threads: int) -> float:
+def step_seconds(wall: float, cpu: float, threads: int, device: str = "cpu", workers: int = 0) -> float:
     """The training time a step used: its wall time, or less when the machine was shared.
 
     On a shared machine wall time runs on while other work holds the cores; the process's CPU
     time over its threads counts only what training was given. The smaller of the two is what
-    `hours` budgets (single-threaded parts, such as drawing scenes, count a little short).
+    `hours` budgets (single-threaded parts, such as drawing scenes, count a little short). On a
+    GPU, or with `workers` drawing the scenes, the process's CPU time measures neither the model
+    nor the data (16 threads would count a sixteenth of a GPU step): wall time counts.
     """
+    if device != "cpu" or workers:
+        return wall
     return min(wall, cpu / max(1, threads))
 
 
@@ -353,6 +444,11 @@ def _cpu_name() -> str:
     return bench.machine_info()["cpu"]
 
 
+def _accelerator(device: str) -> dict:
+    """{"gpu": its name} for a CUDA device (a log line names the machine that trained), else {}."""
+    return {"gpu": torch.cuda.get_device_name(device)} if device.startswith("cuda") else {}
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     """torch.save through a temporary file, so a run killed mid-write leaves the last checkpoint
     (tiny's training and the students' in notebook 04)."""
@@ -381,7 +477,7 @@ def config_from_json(d: dict) -> TrainConfig:
     return TrainConfig(**d)
 
 
-RUN_CONTROLS = ("steps", "hours", "threads", "eval_scenes", "eval_every", "checkpoint_every", "checkpoint_minutes")
+RUN_CONTROLS = ("steps", "hours", "threads", "workers", "eval_scenes", "eval_every", "checkpoint_every", "checkpoint_minutes")
 
 
 def _recipe(d: dict) -> dict:
@@ -401,6 +497,37 @@ def _resume(run: Path, cfg: TrainConfig, sam: Sam, opt: torch.optim.Optimizer, d
         raise ValueError(f"{ckpt} was written by a run with another configuration; "
                          "resume with the same options (see its config.json) or use --fresh")
     return int(state["step"]), float(state.get("train_seconds", 0.0))
+
+
+def _progress_bar(budget: float | None, seconds: float, start: int, end: int, progress: bool) -> tqdm:
+    """tqdm over the training seconds of an `hours` budget, or over the steps of a fixed run."""
+    if budget is not None:
+        return tqdm(total=budget, initial=min(seconds, budget), unit="s", desc="train tiny", disable=not progress,
+                    bar_format="{desc}: {percentage:3.0f}% {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+    return tqdm(total=end, initial=start, unit="it", desc="train tiny", disable=not progress)
+
+
+def _run_event(start: int, seconds: float, cfg: TrainConfig, bf16: bool, device: str) -> dict:
+    """The log line that opens a run ("start") or a resume (lines after the checkpoint's step, a
+    killed run's, are superseded from it): where and how the training runs."""
+    where = {"bf16": bf16, "threads": torch.get_num_threads(), "hours": cfg.hours, "cpu": _cpu_name(),
+             **_accelerator(device)}
+    return {"event": "resume", "step": start, "train_s": round(seconds, 1), **where} if start else {"event": "start", **where}
+
+
+def _optimise(sam: Sam, opt: torch.optim.Optimizer, trained: list[torch.nn.Parameter], prepared: StepBatch,
+              cfg: TrainConfig, lr: float, bf16: bool) -> dict:
+    """One optimisation step at learning rate `lr`: forward (BF16 autocast where `bf16`), backward,
+    gradient clipping at norm 1, AdamW. Returns `step_loss`'s record."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast(sam.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = step_loss(sam, prepared.images, prepared.groups, cfg)
+    opt.zero_grad(set_to_none=True)
+    out["loss_tensor"].backward()
+    torch.nn.utils.clip_grad_norm_(trained, 1.0)
+    opt.step()
+    return out
 
 
 def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: str = "cpu",
@@ -430,38 +557,20 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
     budget = cfg.hours * 3600 if cfg.hours else None
     end = cfg.steps if budget is None else 10 ** 9
     end = end if stop_after is None else min(stop_after, end)
-    bar = tqdm(total=budget, initial=budget and min(seconds, budget), unit="s" if budget else "it",
-               desc="train tiny", disable=not progress, bar_format=None if budget is None else
-               "{desc}: {percentage:3.0f}% {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
-    if budget is None:
-        bar.reset(total=end)
-        bar.update(start)
-    draw = SceneBatches(cfg, offset=cfg.scene_offset)
+    bar = _progress_bar(budget, seconds, start, end, progress)
+    batches = step_batches(start, cfg)
     last_ckpt = time.time()
     step = start
-    with open(run / "log.jsonl", "a") as log:
-        if start:  # lines after the checkpoint's step (a killed run) are superseded from here
-            log.write(json.dumps({"event": "resume", "step": start, "train_s": round(seconds, 1),
-                                  "hours": cfg.hours, "bf16": bf16, "threads": torch.get_num_threads(),
-                                  "cpu": _cpu_name()}) + "\n")
-        else:
-            log.write(json.dumps({"event": "start", "bf16": bf16, "threads": torch.get_num_threads(),
-                                  "hours": cfg.hours, "cpu": _cpu_name()}) + "\n")
+    with closing(batches), open(run / "log.jsonl", "a") as log:
+        log.write(json.dumps(_run_event(start, seconds, cfg, bf16, device)) + "\n")
         while step < end and (budget is None or seconds < budget):
             t_step, cpu_step = time.time(), time.process_time()
-            rng = np.random.default_rng([cfg.seed, step])
-            batch = draw(step, rng)
+            prepared = next(batches)
             lr = _lr_at(step, cfg, seconds)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-                out = train_step(sam, batch, cfg, rng)
-            opt.zero_grad(set_to_none=True)
-            out["loss_tensor"].backward()
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            opt.step()
+            out = _optimise(sam, opt, trained, prepared, cfg, lr, bf16)
             step += 1
-            dt = step_seconds(time.time() - t_step, time.process_time() - cpu_step, torch.get_num_threads())
+            dt = step_seconds(time.time() - t_step, time.process_time() - cpu_step, torch.get_num_threads(),
+                              device, cfg.workers)
             seconds += dt
             rec = {k: round(v, 5) for k, v in out.items() if k != "loss_tensor"}
             rec.update(step=step, lr=lr, train_s=round(seconds, 1))

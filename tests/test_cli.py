@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from edgelab import cli
 from conftest import run_cli
@@ -70,6 +71,19 @@ def test_ranges_are_checked_once_by_the_parser(capsys):
     with pytest.raises(SystemExit):  # argparse's --help prints and exits; main returns its status
         cli.build_parser().parse_args(["eval", "--help"])
     assert cli.main(["eval", "--help"]) == 0
+
+
+def test_device_is_checked_by_the_parser(capsys, monkeypatch):
+    import argparse
+    assert cli.device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    for text, words in [("bogus", "a torch device such as cpu or cuda"), ("cuda", "no CUDA device"),
+                        ("cuda:1", "no CUDA device"), ("meta", "runs on cpu or cuda")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=words):
+            cli.device(text)
+    assert cli.main(["train-tiny", "--device", "cuda", "--out", "unused"]) == 2
+    assert capsys.readouterr().err.strip() == ("edgelab: error: argument --device: cuda: this machine has "
+                                               "no CUDA device (use cpu)")
 
 
 def test_corrupt_checkpoint_is_one_clear_line(tmp_path):

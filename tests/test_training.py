@@ -80,6 +80,43 @@ def test_step_seconds_counts_what_training_was_given():
     assert training.step_seconds(wall=1.0, cpu=2.0, threads=2) == 1.0  # alone on two cores
     assert training.step_seconds(wall=2.0, cpu=2.0, threads=2) == 1.0  # sharing them with another job
     assert training.step_seconds(wall=1.0, cpu=0.3, threads=0) == 0.3
+    # a GPU step's CPU time over 16 threads would count a sixteenth of it; workers' time is not ours
+    assert training.step_seconds(wall=1.0, cpu=1.0, threads=16, device="cuda") == 1.0
+    assert training.step_seconds(wall=1.0, cpu=0.2, threads=2, workers=4) == 1.0
+
+
+def test_workers_draw_the_batches_of_the_loop():
+    """Worker processes prepare the same steps as the loop would, from a step inside a block of
+    shared scenes (a resume) on; a run with workers logs the same losses."""
+    cfg = training.TrainConfig(batch_images=2)
+    alone = training.step_batches(3, cfg)
+    forked = training.step_batches(3, training.TrainConfig(**{**cfg.__dict__, "workers": 2}))
+    try:
+        for _ in range(4):
+            a, b = next(alone), next(forked)
+            assert a.step == b.step and all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
+            for kind in a.groups:
+                assert all(np.array_equal(x, y) for x, y in zip(a.groups[kind], b.groups[kind]) if x is not None)
+    finally:
+        forked.close()
+    assert [s.step for s in training.prepare_steps(range(3, 5), cfg)] == [3, 4]
+
+
+def test_a_run_with_workers_logs_the_same_losses(tmp_path):
+    cfg = training.TrainConfig(steps=3, batch_images=1, point_prompts=1, box_prompts=1, multi_prompts=1,
+                               eval_scenes=1, checkpoint_every=3, bf16="off")
+    losses = []
+    for workers in (0, 1):
+        run = tmp_path / str(workers)
+        training.train_tiny(run, training.TrainConfig(**{**cfg.__dict__, "workers": workers}), progress=False)
+        losses.append([r["loss"] for r in training.log_records(run)])
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def test_packed_masks_cross_to_the_model_intact():
+    masks = np.random.default_rng(0).random((3, 5, 13)) > 0.5  # a width that is no multiple of 8
+    unpacked = training.unpack_masks(torch.from_numpy(np.packbits(masks, axis=-1)), 13)
+    assert torch.equal(unpacked, torch.from_numpy(masks).float())
 
 
 def test_lr_follows_the_clock_with_hours():
