@@ -126,3 +126,24 @@ def test_parser_knows_the_verbs():
                                                              deploy.StackConfig.prune_ratio,
                                                              deploy.StackConfig.finetune_steps)
     assert p.parse_args(["bench", "prune"]).kinds.split(",") == list(pruning.DEFAULT_KINDS)
+
+
+def test_readme_commands_parse(monkeypatch):
+    """Every `edgelab` command in the README's bash blocks is one the parser takes (flags drift)."""
+    import re
+    import shlex
+    from pathlib import Path
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the README's GPU command, on any machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            at = [i for i, w in enumerate(words) if w.endswith("edgelab")]
+            if at:
+                commands.append(words[at[0] + 1:])
+    assert len(commands) >= 20, commands
+    parser = cli.build_parser()
+    for argv in commands:
+        assert parser.parse_args(argv).fn.__name__.startswith("cmd_"), argv
