@@ -627,6 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning on the command line is one line, as an error is (a skipped file, a fallback)."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     import logging
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # CUDA-build torch on a CPU
@@ -639,8 +644,9 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             if getattr(args, "json", False):
                 warnings.simplefilter("ignore")
+            warnings.showwarning = _warning_line
             out = args.fn(args)
-    except (UsageError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (UsageError, CheckpointError, ValueError, OSError) as e:  # OSError: a path that cannot be written or read
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

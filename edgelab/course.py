@@ -25,7 +25,7 @@ from pathlib import Path
 import nbformat
 
 from .checks import ExerciseError
-from .workbook import NOTEBOOKS_DIR, notebooks
+from .workbook import notebooks, output_folder
 
 INSTRUCTOR = "instructor"  # cell tag: the answers to the written questions, left out of the student build
 MARKER = re.compile(r"^#\s*EXERCISE:\s*(\w+)\s*$")
@@ -128,10 +128,7 @@ def student_notebook(path: str | Path) -> tuple[nbformat.NotebookNode, list[Exer
 
 def build_student(out_dir: str | Path, only: list[str] | None = None) -> list[tuple[Path, list[Exercise]]]:
     """Write the student notebooks into `out_dir` (never into notebooks/); return (path, exercises) each."""
-    out = Path(out_dir).resolve()
-    if out == NOTEBOOKS_DIR or NOTEBOOKS_DIR in out.parents:
-        raise ValueError("the student build must go outside notebooks/: the sources keep their solutions")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir, "the student build", "the sources keep their solutions")
     written = []
     for src in notebooks(only):
         nb, found = student_notebook(src)

@@ -292,6 +292,8 @@ def image_folder(folder: str | Path) -> list[tuple[Path, np.ndarray]]:
     Non-image or unreadable files are skipped with a warning; a folder with no image is an error.
     """
     root = Path(folder).expanduser()
+    if root.is_file():
+        raise ValueError(f"{root} is a file: give the folder that holds the images ({root.parent})")
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
     images = []

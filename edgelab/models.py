@@ -209,6 +209,8 @@ def read_checkpoint(path: str | os.PathLike, name: str) -> dict[str, torch.Tenso
     it unpickles with weights_only=True; it holds a state dict; its shapes fit `name`.
     """
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a folder: give the checkpoint file in it")
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     checksum_status(p, name)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from . import records
-from .workbook import NOTEBOOKS_DIR, notebooks  # noqa: F401  (runner.notebooks is public)
+from .workbook import NOTEBOOKS_DIR, notebooks, output_folder  # noqa: F401  (runner.notebooks is public)
 
 _FULL = re.compile(r"^\s*(\w+)\s*=.*#\s*full:\s*(.+?)\s*$")
 
@@ -54,6 +54,39 @@ def _check_names(nbs: list[Path], names) -> None:
                          f"(parameters: {', '.join(sorted(known))})")
 
 
+def parameter_defaults(path: Path) -> dict:
+    """The literal value the parameters cell gives each name (names given by an expression are left out)."""
+    out = {}
+    for node in ast.parse(parameters_cell(path)).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return out
+
+
+def _fits(value, default) -> bool:
+    """Whether `value` can stand where the parameters cell has `default` (None takes anything)."""
+    if default is None or isinstance(default, bool):
+        return default is None or isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+
+
+def _check_kinds(nbs: list[Path], params: dict[str, list]) -> None:
+    """One clear line for `-p n_eval abc` before a notebook starts, rather than a TypeError inside it."""
+    for nb in nbs:
+        defaults = parameter_defaults(nb)
+        for name, values in params.items():
+            for value in values:
+                if name in defaults and not _fits(value, defaults[name]):
+                    kind = "a number" if isinstance(defaults[name], float) else type(defaults[name]).__name__
+                    raise ValueError(f"-p {name} {value!r}: {nb.stem} takes {kind} there "
+                                     f"(its default is {defaults[name]!r})")
+
+
 def _coerce(value: str):
     try:
         return ast.literal_eval(value)
@@ -62,11 +95,7 @@ def _coerce(value: str):
 
 
 def _out_dir(out: str | Path | None, default: str) -> Path:
-    out = Path(out or default).resolve()
-    if out == NOTEBOOKS_DIR or NOTEBOOKS_DIR in out.parents:
-        raise ValueError("the run folder must be outside notebooks/: sources are never written to")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return output_folder(out or default, "the run folder", "sources are never written to")
 
 
 class PeakMemory:
@@ -183,6 +212,7 @@ def run_notebooks(out: str | Path | None = None, profile: str = "quick", only: l
     nbs = notebooks(only)
     user = {k: _coerce(v) if isinstance(v, str) else v for k, v in (params or {}).items()}
     _check_names(nbs, user)
+    _check_kinds(nbs, {k: [v] for k, v in user.items()})
     summary = []
     for i, nb in enumerate(nbs, 1):
         known = parameter_names(nb)
@@ -244,6 +274,7 @@ def sweep(notebook: str, grid: dict[str, list], jobs: int = 1, out: str | Path |
         raise ValueError("--jobs must be at least 1")
     _check_names([nb], grid)
     values = {k: [_coerce(v) if isinstance(v, str) else v for v in vs] for k, vs in grid.items()}
+    _check_kinds([nb], values)
     points = [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
     out = _out_dir(out, f"runs/sweep-{nb.stem[:2]}-{time.strftime('%Y%m%d-%H%M%S')}")
     threads = max(1, (os.cpu_count() or 1) // jobs)

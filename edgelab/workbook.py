@@ -27,3 +27,15 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     if missing:
         raise ValueError(f"no notebook named {', '.join(missing)} in {NOTEBOOKS_DIR}")
     return picked
+
+
+def output_folder(path: str | Path, what: str, why: str) -> Path:
+    """`path` resolved and created for `what` (a run folder, a student build): never inside
+    notebooks/ (`why` says what that would spoil), never where a file already stands."""
+    out = Path(path).resolve()
+    if out == NOTEBOOKS_DIR or NOTEBOOKS_DIR in out.parents:
+        raise ValueError(f"{what} must be outside notebooks/: {why}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -96,6 +96,13 @@ def test_corrupt_checkpoint_is_one_clear_line(tmp_path):
 def test_empty_image_folder_is_one_clear_line(tmp_path):
     rc, _, err = run_cli("eval", "--images", str(tmp_path), "--reference", "tiny")
     assert rc == 2 and "no JPEG or PNG image" in err
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rc, _, err = run_cli("eval", "--images", str(tmp_path), "--reference", "tiny")
+    assert rc == 2 and err.strip().splitlines() == [  # each skipped file one line, then the error
+        "edgelab: warning: skipping broken.png: cannot be read as an image (UnidentifiedImageError)",
+        "edgelab: warning: skipping notes.txt: not a JPEG or PNG file",
+        f"edgelab: error: no JPEG or PNG image in {tmp_path}"], err
 
 
 def test_agreement_on_a_folder(tmp_path):

@@ -416,3 +416,9 @@ def test_mask_choice_brackets_the_protocol(tiny_trained):
     assert res["head's pick"].miou == pytest.approx(proto.miou)
     assert all(b >= p for b, p in zip(res["best of three"].per_object, res["head's pick"].per_object))
     assert 0.0 <= picked <= 1.0 and res["single mask"].n_masks == proto.n_masks
+
+
+def test_image_folder_given_a_file(make_image_folder, rng):
+    folder = make_image_folder({"a.png": _rgb(rng, 6, 6)})
+    with pytest.raises(ValueError, match="is a file: give the folder that holds the images"):
+        evaluate.image_folder(folder / "a.png")

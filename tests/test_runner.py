@@ -138,6 +138,20 @@ def test_run_and_sweep_refuse_unknown_parameters_and_empty_grids(tmp_path, capsy
     assert cli.main(["report", str(tmp_path / "b")]) == 2
 
 
+def test_run_and_sweep_refuse_a_value_of_another_kind(tmp_path, capsys):
+    """`-p n_eval abc` is one line before any notebook starts (it was a TypeError inside one)."""
+    from edgelab import cli
+    for argv, words in [(["run", "--only", "00", "-p", "n_eval", "abc"], "-p n_eval 'abc': 00_segment_anything_tour takes int"),
+                        (["run", "--only", "04", "-p", "ddp_demo", "1"], "takes bool there (its default is True)"),
+                        (["run", "--only", "02", "-p", "ratios", "0.5"], "takes list there"),
+                        (["sweep", "02", "-p", "finetune_lr", "1", "x"], "-p finetune_lr 'x': 02_channel_pruning takes a number")]:
+        assert cli.main([*argv, "--out", str(tmp_path / "r")]) == 2
+        assert words in capsys.readouterr().err
+    assert not list((tmp_path / "r").glob("*.ipynb"))  # refused before executing anything
+    assert runner._fits(2, 1e-3) and runner._fits([1], [0.2]) and runner._fits("vit_b", "tiny")
+    assert runner._fits(True, None) and not runner._fits(1, True) and not runner._fits(True, 3)
+
+
 def test_report_plot_keeps_equal_miou_readable():
     from edgelab import viz
     rows = [{"chapter": "01_x", "run": "r", "variant": v, "median_s": t, "miou": 0.6217 + e}
@@ -199,3 +213,13 @@ def test_progress_widgets_are_dropped_from_executed_notebooks(tmp_path):
     nbformat.write(nb, path)
     assert runner.drop_progress_widgets(path) == 2
     assert [o.output_type for o in nbformat.read(path, as_version=4).cells[0].outputs] == ["display_data", "stream"]
+
+
+def test_a_file_where_the_run_folder_should_be_is_one_line(tmp_path, capsys):
+    from edgelab import cli
+    (tmp_path / "taken").write_text("a file")
+    assert cli.main(["run", "--only", "00", "--out", str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err.strip() == f"edgelab: error: {tmp_path / 'taken'} is a file, not a folder"
+    assert cli.main(["student", str(tmp_path / "taken")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "a file"
