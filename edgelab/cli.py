@@ -63,21 +63,14 @@ def real(low: float, high: float = math.inf, *, above: bool = False) -> Callable
 
 
 def device(text: str) -> str:
-    """An argparse `type`: a torch device this machine has ("cpu", "cuda", "cuda:1", ...)."""
-    if text == "cpu":
+    """An argparse `type`: a torch device this machine has (`models.check_device`)."""
+    if text == "cpu":  # the default: no torch import for every parse
         return text
-    import torch
+    from .models import check_device
     try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu or cuda, not {text!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device (use cpu)")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text}: edgelab runs on cpu or cuda")
-    return text
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _load(args):

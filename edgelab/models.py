@@ -248,6 +248,24 @@ class LoadedSam:
     checksum: str = "unknown"  # "official": Meta's file, sha256 verified; "shipped": data/'s tiny
 
 
+def check_device(text: str) -> str:
+    """`text` if it names a device this machine has ("cpu", "cuda", "cuda:1"); else a ValueError
+    that says what is there (a notebook's `device` parameter, the CLI's --device)."""
+    if text == "cpu":
+        return text
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"must be a torch device such as cpu or cuda, not {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{text}: edgelab runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{text}: this machine has no CUDA device (use cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def load_sam(name: str = "tiny", checkpoint: str | os.PathLike | None = None,
              weights: str | None = None, device: str | torch.device = "cpu",
              img_size: int | None = None) -> Sam:
@@ -266,6 +284,7 @@ def load_sam(name: str = "tiny", checkpoint: str | os.PathLike | None = None,
     """
     if name not in CONFIGS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(CONFIGS)}")
+    check_device(str(device))
     if weights is None:
         weights = "checkpoint" if checkpoint else ("trained" if name == "tiny" else None)
     if weights is None:

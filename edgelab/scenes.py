@@ -202,7 +202,7 @@ def split_seeds(split: str, n: int | None = None) -> list[int]:
         base, size = (EVAL_SEED_BASE, EVAL_SIZE) if split == "eval" else (VAL_SEED_BASE, VAL_SIZE)
         n = size if n is None else n
         if not 0 < n <= size:
-            raise ValueError(f"the {split} split has {size} scenes; asked for {n}")
+            raise ValueError(f"the {split} split has {size} scenes: ask for 1 to {size}, not {n}")
         return [base + i for i in range(n)]
     if split == "train":
         if n is None or n <= 0:

@@ -539,6 +539,7 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
     at that step (the schedule is unchanged), so a checkpoint taken part-way through a run can be
     reproduced exactly. Returns the path of the final state dict (`run_dir/sam_tiny.pt`).
     """
+    models.check_device(device)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     if cfg.threads:

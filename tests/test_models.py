@@ -142,7 +142,7 @@ def test_missing_checkpoint(tmp_path):
 
 
 def test_directory_is_not_a_checkpoint(tmp_path):
-    assert "not found" in _error(tmp_path)
+    assert "is a folder: give the checkpoint file in it" in _error(tmp_path)
 
 
 def test_empty_checkpoint(tmp_path):
@@ -363,3 +363,12 @@ def test_shipped_tiny_with_a_wrong_sha256_is_rejected(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "TINY_SHA256", sha)
     with pytest.raises(models.CheckpointError, match="does not match"):
         models.load_sam("tiny")
+
+
+def test_a_device_this_machine_lacks_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="this machine has no CUDA device"):
+        models.load_sam("tiny", device="cuda")
+    with pytest.raises(ValueError, match="runs on cpu or cuda"):
+        models.check_device("meta")
+    assert models.check_device("cpu") == "cpu"

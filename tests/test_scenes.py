@@ -183,6 +183,9 @@ def test_eval_split_is_fixed():
     assert scenes.split_seeds("eval") == seeds
     assert scenes.split_seeds("eval", 5) == seeds[:5]
     assert len(set(seeds)) == len(seeds)
+    for n in (0, 201):
+        with pytest.raises(ValueError, match=f"the eval split has 200 scenes: ask for 1 to 200, not {n}"):
+            scenes.split_seeds("eval", n)
 
 
 def test_eval_and_train_seeds_disjoint():
