@@ -208,7 +208,7 @@ def train_step(sam: Sam, batch: list[scenes.Scene], cfg: TrainConfig, rng: np.ra
 
 
 def step_loss(sam: Sam, images: Sequence[np.ndarray], groups: dict, cfg: TrainConfig) -> dict:
-    """The forward pass and loss of one step whose CPU side (`prepare_step`) is done."""
+    """The forward pass and loss of one step whose CPU side (`prepare_steps`) is done."""
     with torch.set_grad_enabled(not cfg.freeze_encoder and torch.is_grad_enabled()):
         emb = sam.image_encoder(models.normalised(images, sam))
     return groups_loss(sam, emb, groups, cfg)
