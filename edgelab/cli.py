@@ -620,9 +620,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning on the command line is one line, as an error is (a skipped file, a fallback)."""
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    """A warning on the command line is one line, as an error is (a skipped file, a fallback);
+    another library's keeps its category and where it came from."""
+    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+    else:
+        print(f"{PROG}: warning: {category.__name__} from {filename}:{lineno}: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -639,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.simplefilter("ignore")
             warnings.showwarning = _warning_line
             out = args.fn(args)
-    except (UsageError, CheckpointError, ValueError, OSError) as e:  # OSError: a path that cannot be written or read
+    except (UsageError, CheckpointError, ValueError, *PATH_ERRORS) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -67,12 +67,19 @@ def parameter_defaults(path: Path) -> dict:
 
 
 def _fits(value, default) -> bool:
-    """Whether `value` can stand where the parameters cell has `default` (None takes anything)."""
-    if default is None or isinstance(default, bool):
-        return default is None or isinstance(value, bool)
+    """Whether `value` can stand where the parameters cell has `default`: None takes anything,
+    a flag takes True/False or 1/0, a number an int or float, a list a list or tuple."""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool) or (type(value) is int and value in (0, 1))
+    if isinstance(value, bool):
+        return False
     if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+        return isinstance(value, (int, float))
+    if isinstance(default, list):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
 
 
 def _check_kinds(nbs: list[Path], params: dict[str, list]) -> None:
@@ -82,9 +89,11 @@ def _check_kinds(nbs: list[Path], params: dict[str, list]) -> None:
         for name, values in params.items():
             for value in values:
                 if name in defaults and not _fits(value, defaults[name]):
-                    kind = "a number" if isinstance(defaults[name], float) else type(defaults[name]).__name__
-                    raise ValueError(f"-p {name} {value!r}: {nb.stem} takes {kind} there "
-                                     f"(its default is {defaults[name]!r})")
+                    default = defaults[name]
+                    kind = ("a number" if isinstance(default, float) else
+                            f'a list, such as -p {name} "{default!r}"' if isinstance(default, list) else
+                            type(default).__name__)
+                    raise ValueError(f"-p {name} {value!r}: {nb.stem} takes {kind} there (its default is {default!r})")
 
 
 def _coerce(value: str):
@@ -208,11 +217,11 @@ def run_notebooks(out: str | Path | None = None, profile: str = "quick", only: l
     Returns a summary: {out, notebooks: [{name, ok, seconds, peak_mem_mb, error, notebook}], failed,
     table}; peak_mem_mb is the kernel's peak resident memory (with what it starts), sampled.
     """
-    out = _out_dir(out, f"runs/{profile}-{time.strftime('%Y%m%d-%H%M%S')}")
     nbs = notebooks(only)
     user = {k: _coerce(v) if isinstance(v, str) else v for k, v in (params or {}).items()}
     _check_names(nbs, user)
     _check_kinds(nbs, {k: [v] for k, v in user.items()})
+    out = _out_dir(out, f"runs/{profile}-{time.strftime('%Y%m%d-%H%M%S')}")
     summary = []
     for i, nb in enumerate(nbs, 1):
         known = parameter_names(nb)

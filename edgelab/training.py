@@ -25,6 +25,7 @@ import json
 import math
 import multiprocessing
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -342,6 +343,16 @@ def _scene_blocks(start: int, reuse: int) -> Iterator[range]:
         start = stop
 
 
+def _follow_parent(parent: int) -> None:
+    """In a worker: exit when the training process is gone. A `kill -9` or a scheduler's SIGTERM
+    skips `step_batches`' shutdown, and orphaned workers would hold their memory for good."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def step_batches(start: int, cfg: TrainConfig) -> Iterator[StepBatch]:
     """The prepared steps of a run from `start` on, in order, without end. With `cfg.workers`
     they are drawn that many processes ahead of the model (a GPU outruns one core drawing
@@ -352,7 +363,8 @@ def step_batches(start: int, cfg: TrainConfig) -> Iterator[StepBatch]:
         for block in blocks:
             yield from prepare_steps(block, cfg)
         return
-    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_follow_parent, initargs=(os.getpid(),))
     try:
         ahead = deque(pool.submit(prepare_steps, next(blocks), cfg) for _ in range(2 * cfg.workers))
         while True:

@@ -318,3 +318,34 @@ def test_save_atomic_keeps_the_last_checkpoint_when_a_write_fails(tmp_path, monk
         training.save_atomic({"step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_workers_exit_when_the_training_process_is_killed(tmp_path):
+    """kill -9 skips step_batches' shutdown; the workers notice their parent is gone and exit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import multiprocessing, time\n"
+        "from edgelab import training\n"
+        "it = training.step_batches(0, training.TrainConfig(batch_images=1, workers=2))\n"
+        "next(it)\n"
+        "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
+        "time.sleep(120)\n")
+    trainer = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in trainer.stdout.readline().split()]
+    assert len(workers) == 2
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+
+    def alive(pid: int) -> bool:  # a zombie (exited, not yet reaped by whoever adopted it) is gone
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+    deadline = time.time() + 15
+    while any(alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in workers)
