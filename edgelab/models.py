@@ -249,15 +249,16 @@ class LoadedSam:
 
 
 def check_device(text: str) -> str:
-    """`text` if it names a device this machine has ("cpu", "cuda", "cuda:1"); else a ValueError
-    that says what is there (a notebook's `device` parameter, the CLI's --device)."""
-    if text == "cpu":
+    """`text` if it names a device this machine has ("cpu", "cuda", "cuda:1", or "meta": shapes
+    without data, for counting FLOPs); else a ValueError that says what is there (a notebook's
+    `device` parameter, the CLI's --device)."""
+    if text in ("cpu", "meta"):
         return text
     try:
         dev = torch.device(text)
     except RuntimeError:
         raise ValueError(f"must be a torch device such as cpu or cuda, not {text!r}") from None
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{text}: edgelab runs on cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{text}: this machine has no CUDA device (use cpu)")

@@ -78,7 +78,7 @@ def test_device_is_checked_by_the_parser(capsys, monkeypatch):
     assert cli.device("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
     for text, words in [("bogus", "a torch device such as cpu or cuda"), ("cuda", "no CUDA device"),
-                        ("cuda:1", "no CUDA device"), ("meta", "runs on cpu or cuda")]:
+                        ("cuda:1", "no CUDA device"), ("xpu", "runs on cpu or cuda")]:
         with pytest.raises(argparse.ArgumentTypeError, match=words):
             cli.device(text)
     assert cli.main(["train-tiny", "--device", "cuda", "--out", "unused"]) == 2
