@@ -152,6 +152,69 @@ def test_run_and_sweep_refuse_a_value_of_another_kind(tmp_path, capsys):
     assert runner._fits(True, None) and runner._fits(0, True) and not runner._fits(2, True) and not runner._fits(True, 3)
 
 
+def test_report_plot_keeps_equal_miou_readable():
+    from edgelab import viz
+    rows = [{"chapter": "01_x", "run": "r", "variant": v, "median_s": t, "miou": 0.6217 + e}
+            for v, t, e in (("a", 0.018, 0.0), ("b", 0.020, 4e-7), ("c", 0.024, -2e-7))]
+    fig = viz.latency_miou_panels(rows)
+    ax = fig.axes[0]
+    y0, y1 = ax.get_ylim()
+    assert y1 - y0 >= 0.02 - 1e-9 and y0 < 0.6217 < y1
+    assert not ax.yaxis.get_major_formatter().get_useOffset()
+
+
+def test_report_plot_names_a_point_by_model_where_variants_repeat():
+    from edgelab import viz
+    rows = [{"chapter": "04_x", "run": run, "model": m, "variant": v, "median_s": t, "miou": 0.6}
+            for run in ("r1", "r2")
+            for m, v, t in (("teacher", "teacher", 0.016), ("resnet18", "distilled", 0.006),
+                            ("mobilenet_v3", "distilled", 0.005))]
+    texts = [t.get_text() for t in viz.latency_miou_panels(rows).axes[0].texts]
+    assert sorted(texts) == sorted(["teacher", "resnet18", "mobilenet_v3"] * 2)
+
+
+def test_machines_table_puts_the_same_variant_side_by_side():
+    from edgelab import records
+    rows = [{"chapter": "01", "model": "tiny", "variant": "fused", "median_s": 0.02, "run": "xeon"},
+            {"chapter": "01", "model": "tiny", "variant": "fused", "median_s": 0.01, "run": "zen4"},
+            {"chapter": "01", "model": "tiny", "variant": "only-here", "median_s": 0.03, "run": "xeon"}]
+    table = records.machines_table(rows, {"xeon": {"cpu": "Intel Xeon"}, "zen4": {"cpu": "AMD EPYC"}})
+    assert "xeon (Intel Xeon) s" in table and "| 01 | tiny | fused | 0.02 | 0.01 | 2.00x |" in table
+    assert "only-here" not in table
+    assert records.machines_table(rows, {"xeon": {}}) == ""
+    line = records.machines_summary(rows, {"xeon": {"cpu": "Intel Xeon"}, "zen4": {"cpu": "AMD EPYC"}})
+    assert "Of 1 variants" in line and "`zen4` on 1" in line and "`xeon` on 0" in line and "01 tiny fused 2.00x" in line
+
+
+def test_report_of_two_machines_puts_them_side_by_side_in_the_readme(tmp_path):
+    from edgelab import records
+    for run, cpu, t in (("xeon", "Intel Xeon", 0.02), ("zen4", "AMD EPYC", 0.01)):
+        rows = [{"chapter": "01_attention_profiling", "model": "tiny", "variant": "fused", "median_s": t, "miou": 0.7, "weights": "trained"}]
+        records.write_records(tmp_path / run / "results", "01_attention_profiling", rows, {"cpu": cpu})
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:begin -->\n<!-- results:end -->\n")
+    rep = records.write_report([tmp_path / "xeon", tmp_path / "zen4"], tmp_path / "rep")
+    records.update_readme(readme, rep, tmp_path / "rep")
+    text = readme.read_text()
+    assert "**Across machines.** Of 1 variants" in text and "| 01_attention_profiling | tiny | fused | 0.02 | 0.01 | 2.00x |" in text
+
+
+def test_progress_widgets_are_dropped_from_executed_notebooks(tmp_path):
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    rich_pre = '<pre style="white-space:pre;overflow-x:auto">'
+    cell.outputs = [nbformat.v4.new_output("display_data", data={runner.WIDGET: {"model_id": "a"}, "text/plain": "0%|"}),
+                    nbformat.v4.new_output("display_data", data={"text/html": rich_pre + "</pre>\n", "text/plain": ""}),
+                    nbformat.v4.new_output("display_data", data={"text/html": rich_pre + "a table</pre>\n", "text/plain": "a table"}),
+                    nbformat.v4.new_output("stream", name="stdout", text="kept\n")]
+    nb.cells = [cell]
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, path)
+    assert runner.drop_progress_widgets(path) == 2
+    assert [o.output_type for o in nbformat.read(path, as_version=4).cells[0].outputs] == ["display_data", "stream"]
+
+
 def test_a_file_where_the_run_folder_should_be_is_one_line(tmp_path, capsys):
     from edgelab import cli
     (tmp_path / "taken").write_text("a file")
