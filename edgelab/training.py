@@ -519,6 +519,12 @@ def _progress_bar(budget: float | None, seconds: float, start: int, end: int, pr
     return tqdm(total=end, initial=start, unit="it", desc="train tiny", disable=not progress)
 
 
+def _advance(bar: tqdm, dt: float, budget: float | None) -> None:
+    """One step on the bar: its seconds, up to the budget (tqdm drops a total the count passes,
+    and the budget bar's format then fails: the last step of a run ends past its budget)."""
+    bar.update(min(dt, max(0.0, budget - bar.n)) if budget is not None else 1)
+
+
 def _run_event(start: int, seconds: float, cfg: TrainConfig, bf16: bool, device: str) -> dict:
     """The log line that opens a run ("start") or a resume (lines after the checkpoint's step, a
     killed run's, are superseded from it): where and how the training runs."""
@@ -587,7 +593,7 @@ def train_tiny(run_dir: str | Path, cfg: TrainConfig = TrainConfig(), device: st
             seconds += dt
             rec = {k: round(v, 5) for k, v in out.items() if k != "loss_tensor"}
             rec.update(step=step, lr=lr, train_s=round(seconds, 1))
-            bar.update(dt if budget else 1)
+            _advance(bar, dt, budget)
             bar.set_postfix(step=step, loss=f"{rec['loss']:.3f}")
             done = step >= end or (budget is not None and seconds >= budget)
             due = (time.time() - last_ckpt >= cfg.checkpoint_minutes * 60) if budget else step % cfg.checkpoint_every == 0

@@ -349,3 +349,12 @@ def test_workers_exit_when_the_training_process_is_killed(tmp_path):
     while any(alive(p) for p in workers) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(alive(p) for p in workers)
+
+
+def test_the_budget_bar_survives_a_last_step_past_the_budget(capsys):
+    """The last step of an hours run ends past the budget; the bar stops at it instead of failing
+    (a 75-minute run lost its final weights to tqdm's format error)."""
+    bar = training._progress_bar(budget=10.0, seconds=8.0, start=5, end=10 ** 9, progress=True)
+    training._advance(bar, 3.5, 10.0)
+    assert bar.n == 10.0 and "10/10 s" in str(bar)
+    bar.close()
